@@ -1,0 +1,1 @@
+"""Shared code of the federated dataset generation scripts in ``dataset/``."""

@@ -1,0 +1,126 @@
+"""What every simulated client does: hold its data and model in memory, train locally, evaluate."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+EVAL_BATCH = 256
+
+
+def shuffled_batches(num_samples, batch_size, generator):
+    """Index batches of one shuffled epoch; a last batch of one sample joins the previous one
+    (BatchNorm cannot normalize a single sample in training mode)."""
+    order = torch.randperm(num_samples, generator=generator)
+    batches = list(torch.split(order, batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+def micro_auc(y_true, scores, num_classes):
+    """Micro-averaged one-vs-rest AUC; defined for any label set because one-hot targets hold both 0s and 1s."""
+    one_hot = np.eye(num_classes, dtype=np.int64)[y_true]
+    return float(roc_auc_score(one_hot.ravel(), scores.ravel()))
+
+
+class Client:
+    grad_clip = None
+
+    def __init__(self, args, client_id, model, data, seed, device, train_slow=False):
+        self.args = args
+        self.id = client_id
+        self.device = device
+        self.model = model.to(device)
+        self.num_classes = args.num_classes
+        self.train_x, self.train_y = data.train_x, data.train_y
+        self.test_x, self.test_y = data.test_x, data.test_y
+        self.batch_size = args.batch_size
+        self.local_epochs = args.local_epochs
+        self.train_slow = train_slow
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.local_learning_rate)
+        self.scheduler = (torch.optim.lr_scheduler.ExponentialLR(self.optimizer, args.learning_rate_decay_gamma)
+                          if args.learning_rate_decay else None)
+        self.last_train_loss = float("nan")
+        self.batches_last_round = 0
+
+    @property
+    def num_train(self):
+        return len(self.train_y)
+
+    def epochs_this_round(self):
+        """A slow client trains a random number of epochs in [1, max(1, local_epochs // 2)] (the reference's rule)."""
+        if not self.train_slow:
+            return self.local_epochs
+        upper = max(1, self.local_epochs // 2)
+        return int(torch.randint(1, upper + 1, (1,), generator=self.generator))
+
+    def to_device(self, *tensors):
+        return [t.to(self.device, non_blocking=True) for t in tensors]
+
+    def train_batches(self):
+        for index in shuffled_batches(self.num_train, self.batch_size, self.generator):
+            yield self.to_device(self.train_x[index], self.train_y[index])
+
+    def training_loss(self, x, y):
+        return F.cross_entropy(self.model(x), y)
+
+    def optimizer_step(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
+        self.optimizer.step()
+
+    def trainable_parameters(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def train(self):
+        self.model.train()
+        total, steps = 0.0, 0
+        for _ in range(self.epochs_this_round()):
+            for x, y in self.train_batches():
+                loss = self.training_loss(x, y)
+                self.optimizer_step(loss)
+                total += loss.item()
+                steps += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.last_train_loss = total / max(steps, 1)
+        self.batches_last_round = steps
+
+    def scores(self, x):
+        """Per-class scores whose argmax is the prediction."""
+        return self.model(x)
+
+    @torch.no_grad()
+    def test_metrics(self):
+        """(correct, samples, micro AUC) on the client's test split; AUC is nan when it has no test data."""
+        if len(self.test_y) == 0:
+            return 0, 0, float("nan")
+        self.model.eval()
+        outputs = []
+        for start in range(0, len(self.test_y), EVAL_BATCH):
+            (x,) = self.to_device(self.test_x[start:start + EVAL_BATCH])
+            outputs.append(self.scores(x).float().cpu())
+        scores = torch.cat(outputs)
+        correct = int((scores.argmax(1) == self.test_y).sum())
+        return correct, len(self.test_y), micro_auc(self.test_y.numpy(), scores.numpy(), self.num_classes)
+
+    def state_dict(self):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "generator": self.generator.get_state(),
+            "last_train_loss": self.last_train_loss,
+        }
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.last_train_loss = state["last_train_loss"]

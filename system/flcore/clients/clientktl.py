@@ -1,0 +1,77 @@
+"""FedKTL client: ETF classifier with an angular margin, prototype upload, and the knowledge-transfer task
+on the server's image-vector pairs."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flcore.clients.clientbase import Client
+from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
+
+MARGIN = 0.5
+SCALE = 64.0
+
+
+class ClientKTL(Client):
+    grad_clip = 100.0
+
+    def __init__(self, args, client_id, model, data, seed, device, train_slow, etf, latent_dim, mu):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        self.etf = etf.to(device)
+        self.mu = mu
+        # proj is trained with the model; its weights come from the server with the first pairs.
+        self.proj = nn.Linear(args.feature_dim, latent_dim).to(device)
+        self.optimizer.add_param_group({"params": list(self.proj.parameters())})
+        self.has_proj = False
+        self.pair_images = None
+        self.pair_latents = None
+        self.pair_order = torch.empty(0, dtype=torch.long)
+
+    def receive(self, images, latents, proj_state):
+        """The server's K image-vector pairs for this round, and proj's weights when it sends them."""
+        self.pair_images = images.to(self.device)
+        self.pair_latents = latents.to(self.device)
+        if proj_state is not None:
+            self.proj.load_state_dict(proj_state)
+            self.has_proj = True
+
+    def next_pairs(self):
+        """A batch of pairs of the client's batch size, cycling through the K pairs in shuffled order."""
+        needed = min(self.batch_size, len(self.pair_latents))
+        while len(self.pair_order) < needed:
+            fresh = torch.randperm(len(self.pair_latents), generator=self.generator)
+            self.pair_order = torch.cat([self.pair_order, fresh])
+        index, self.pair_order = self.pair_order[:needed], self.pair_order[needed:]
+        index = index.to(self.device)
+        return self.pair_images[index], self.pair_latents[index]
+
+    def training_loss(self, x, y):
+        loss = arc_margin_loss(etf_cosines(self.model(x), self.etf), y, SCALE, MARGIN)
+        if self.pair_latents is not None and self.mu > 0:
+            images, latents = self.next_pairs()
+            loss = loss + self.mu * knowledge_transfer_loss(self.proj(self.model.base(images)), latents)
+        return loss
+
+    def scores(self, x):
+        return etf_cosines(self.model(x), self.etf)
+
+    @torch.no_grad()
+    def prototypes(self):
+        """(P [C_i, K], classes [C_i]): per local class, the normalized mean of normalized head outputs."""
+        self.model.eval()
+        sums = torch.zeros(self.num_classes, self.num_classes, device=self.device)
+        for start in range(0, self.num_train, 256):
+            x, y = self.to_device(self.train_x[start:start + 256], self.train_y[start:start + 256])
+            sums.index_add_(0, y, F.normalize(self.model(x).float(), dim=1))
+        classes = torch.unique(self.train_y).to(self.device)
+        return F.normalize(sums[classes], dim=1), classes
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.update(proj=self.proj.state_dict(), has_proj=self.has_proj, pair_order=self.pair_order)
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.proj.load_state_dict(state["proj"])
+        self.has_proj = state["has_proj"]
+        self.pair_order = state["pair_order"]

@@ -1,0 +1,130 @@
+"""Command-line flags of main.py: the reference library's short names, plus a few of our own."""
+import argparse
+import os
+
+from flcore.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def str2bool(value):
+    """Parse 0/1/true/false (argparse's type=bool would turn any non-empty string, "0" included, into True)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (0/1/true/false), got {value!r}")
+
+
+def _bool_flag(parser, short, long, default, help_text):
+    parser.add_argument(short, long, type=str2bool, nargs="?", const=True, default=default,
+                        metavar="0|1", help=help_text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    general = p.add_argument_group("general")
+    general.add_argument("-go", "--goal", default="test", help="tag used in result file names")
+    general.add_argument("-dev", "--device", default="cuda", choices=["cpu", "cuda"],
+                         help="falls back to cpu with a notice when CUDA is not available")
+    general.add_argument("-did", "--device_id", default="0", help="CUDA device index")
+    general.add_argument("-data", "--dataset", default="Digits",
+                         help="folder name under --dataset_dir, made by a dataset/generate_*.py script")
+    general.add_argument("-nb", "--num_classes", type=int, default=10)
+    general.add_argument("-m", "--model_family", default="HtCPU4",
+                         help="heterogeneous model family: client i gets family[i %% len(family)]")
+    general.add_argument("-fd", "--feature_dim", type=int, default=512)
+    general.add_argument("-algo", "--algorithm", default="FedKTL-stylegan-3")
+    general.add_argument("-gr", "--global_rounds", type=int, default=10)
+    general.add_argument("-nc", "--num_clients", type=int, default=4)
+    general.add_argument("-jr", "--join_ratio", type=float, default=1.0,
+                         help="fraction of clients that train in a round, in (0, 1]")
+    _bool_flag(general, "-rjr", "--random_join_ratio", False,
+               "draw the number of joining clients each round between jr*N and N")
+    general.add_argument("-t", "--times", type=int, default=1, help="independent runs, each with its own seed")
+    general.add_argument("-pv", "--prev", type=int, default=0, help="index of the first run (to add runs later)")
+    general.add_argument("-eg", "--eval_gap", type=int, default=1, help="evaluate every this many rounds")
+    _bool_flag(general, "-ab", "--auto_break", False, "stop when accuracy has not improved for -tc evaluations")
+    general.add_argument("-tc", "--top_cnt", type=int, default=100)
+    general.add_argument("-sfn", "--save_folder_name", default="",
+                         help="folder for per-round checkpoints (none when empty)")
+    general.add_argument("--resume", action="store_true",
+                         help="continue each run from its last checkpoint in -sfn")
+    general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
+    general.add_argument("--dataset_dir", default=os.path.join(REPO_ROOT, "dataset"))
+    general.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
+
+    local = p.add_argument_group("local training")
+    local.add_argument("-lbs", "--batch_size", type=int, default=10)
+    local.add_argument("-lr", "--local_learning_rate", type=float, default=0.01)
+    _bool_flag(local, "-ld", "--learning_rate_decay", False, "decay each client's lr every round")
+    local.add_argument("-ldg", "--learning_rate_decay_gamma", type=float, default=0.99)
+    local.add_argument("-ls", "--local_epochs", type=int, default=1)
+
+    sim = p.add_argument_group("simulated system heterogeneity")
+    sim.add_argument("-cdr", "--client_drop_rate", type=float, default=0.0,
+                     help="fraction of the trained clients whose upload is lost each round")
+    sim.add_argument("-tsr", "--train_slow_rate", type=float, default=0.0,
+                     help="fraction of clients that train fewer local epochs")
+    sim.add_argument("-ssr", "--send_slow_rate", type=float, default=0.0,
+                     help="fraction of clients with a simulated upload delay")
+    _bool_flag(sim, "-ts", "--time_select", False, "drop uploads whose simulated time exceeds -tth")
+    sim.add_argument("-tth", "--time_threshold", type=float, default=10000.0, help="seconds")
+
+    ktl = p.add_argument_group("FedKTL server")
+    ktl.add_argument("-slr", "--server_learning_rate", type=float, default=None,
+                     help="default: the generator's value from the paper")
+    ktl.add_argument("-sbs", "--server_batch_size", type=int, default=100)
+    ktl.add_argument("-se", "--server_epochs", type=int, default=100)
+    ktl.add_argument("-lam", "--lamda", type=float, default=None,
+                     help="weight of the centroid term; default: the generator's value from the paper")
+    ktl.add_argument("-mu", "--mu", type=float, default=None,
+                     help="weight of the knowledge-transfer task; default: the generator's value")
+    ktl.add_argument("-GPath", "--generator_path", default="",
+                     help="generator pickle ({'G_ema': G}) or diffusers folder; empty: built-in untrained generator")
+    ktl.add_argument("-gbs", "--gen_batch_size", type=int, default=4)
+    ktl.add_argument("-prompt", "--stable_diffusion_prompt", default="a cat")
+    ktl.add_argument("--image_every", type=int, default=1,
+                     help="save the generated image grid every this many rounds (0: never)")
+    return p
+
+
+def validate(args):
+    checks = [
+        (0.0 < args.join_ratio <= 1.0, f"-jr must be in (0, 1], got {args.join_ratio}"),
+        (0.0 <= args.client_drop_rate < 1.0, f"-cdr must be in [0, 1), got {args.client_drop_rate}"),
+        (0.0 <= args.train_slow_rate <= 1.0, f"-tsr must be in [0, 1], got {args.train_slow_rate}"),
+        (0.0 <= args.send_slow_rate <= 1.0, f"-ssr must be in [0, 1], got {args.send_slow_rate}"),
+        (args.num_clients >= 1, f"-nc must be at least 1, got {args.num_clients}"),
+        (args.num_classes >= 2, f"-nb must be at least 2, got {args.num_classes}"),
+        (args.global_rounds >= 0, f"-gr must be >= 0, got {args.global_rounds}"),
+        (args.eval_gap >= 1, f"-eg must be >= 1, got {args.eval_gap}"),
+        (args.batch_size >= 1, f"-lbs must be >= 1, got {args.batch_size}"),
+        (args.local_epochs >= 1, f"-ls must be >= 1, got {args.local_epochs}"),
+        (args.local_learning_rate > 0, f"-lr must be > 0, got {args.local_learning_rate}"),
+        (args.feature_dim >= 1, f"-fd must be >= 1, got {args.feature_dim}"),
+        (args.times >= 1, f"-t must be >= 1, got {args.times}"),
+        (0 <= args.prev < args.times, f"-pv must be in [0, -t), got {args.prev}"),
+        (args.top_cnt >= 1, f"-tc must be >= 1, got {args.top_cnt}"),
+        (args.server_batch_size >= 2, f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
+        (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),
+        (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
+        (args.image_every >= 0, f"--image_every must be >= 0, got {args.image_every}"),
+        (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
+
+
+def parse_args(argv=None):
+    return validate(build_parser().parse_args(argv))

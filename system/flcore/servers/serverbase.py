@@ -1,0 +1,243 @@
+"""The federated round loop shared by every algorithm, with clients simulated in one process."""
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flcore.clients.clientbase import Client
+from flcore.errors import UserError
+from flcore.results import History, run_name
+from flcore.trainmodel import build_family_model
+
+# Flags that may change between a run and its resumption without changing what the run computes.
+RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
+                     "image_every", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir"}
+
+# Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
+SLOW_TRAIN_DELAY = 0.1
+SLOW_SEND_DELAY = 0.1
+
+
+def derive_seed(*keys):
+    """Independent 63-bit seeds for (base seed, run) and (base seed, run, client)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase within one round (CUDA work is synchronized before reading)."""
+
+    def __init__(self, names, device):
+        self.seconds = {name: 0.0 for name in names}
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextmanager
+    def __call__(self, name):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - start
+
+
+class Server:
+    client_class = Client
+    phases = ("eval", "train")
+
+    def __init__(self, args, dataset, run, device):
+        self.args = args
+        self.dataset = dataset
+        self.run = run
+        self.device = device
+        self.num_clients = args.num_clients
+        self.num_classes = args.num_classes
+        self.seed = derive_seed(args.seed, run)
+        self.rng = np.random.default_rng(self.seed)
+        torch.manual_seed(self.seed)
+        self.history = History()
+        self.round = 0
+        self.finished = False
+        self.upload_floats = 0
+        self.download_floats = 0
+        self.round_metrics = {}
+        self.prepare()
+
+        slow_train = self.pick_clients(args.train_slow_rate)
+        self.send_slow = self.pick_clients(args.send_slow_rate)
+        self.clients = []
+        for i in range(self.num_clients):
+            client_seed = derive_seed(args.seed, run, i)
+            torch.manual_seed(client_seed)
+            channels, height, _ = dataset.image_shape
+            model = build_family_model(args.model_family, i, args.num_classes, args.feature_dim, channels, height)
+            self.clients.append(self.make_client(i, model, dataset.clients[i], client_seed, i in slow_train))
+        torch.manual_seed(self.seed)
+
+    def prepare(self):
+        """Algorithm-specific set-up that the clients depend on; runs before they are built."""
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        return self.client_class(self.args, client_id, model, data, seed, self.device, train_slow)
+
+    def pick_clients(self, rate):
+        return set(self.rng.choice(self.num_clients, int(rate * self.num_clients), replace=False).tolist())
+
+    def select_clients(self):
+        count = max(1, int(self.args.join_ratio * self.num_clients))
+        if self.args.random_join_ratio:
+            count = int(self.rng.integers(count, self.num_clients + 1))
+        return [self.clients[i] for i in self.rng.choice(self.num_clients, count, replace=False)]
+
+    def arrived_uploads(self, trained, train_seconds):
+        """The trained clients whose uploads reach the server: drops, then (with -ts) the time threshold."""
+        arrived = trained
+        if self.args.client_drop_rate > 0:
+            keep = max(1, int((1 - self.args.client_drop_rate) * len(trained)))
+            arrived = [trained[i] for i in sorted(self.rng.choice(len(trained), keep, replace=False))]
+        if self.args.time_select:
+            kept = []
+            for client in arrived:
+                cost = train_seconds[client.id]
+                if client.train_slow:
+                    cost += SLOW_TRAIN_DELAY * float(self.rng.random(client.batches_last_round).sum())
+                if client.id in self.send_slow:
+                    cost += SLOW_SEND_DELAY * float(self.rng.random())
+                if cost <= self.args.time_threshold:
+                    kept.append(client)
+            arrived = kept
+        return arrived
+
+    def evaluate(self):
+        stats = [client.test_metrics() for client in self.clients]
+        correct = np.array([s[0] for s in stats], dtype=np.float64)
+        counts = np.array([s[1] for s in stats], dtype=np.float64)
+        aucs = np.array([s[2] for s in stats], dtype=np.float64)
+        has_test = counts > 0
+        acc = correct.sum() / counts.sum()
+        auc = float(np.sum(aucs[has_test] * counts[has_test]) / counts.sum())
+        per_client_acc = correct[has_test] / counts[has_test]
+        losses = [c.last_train_loss for c in self.clients if not np.isnan(c.last_train_loss)]
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        self.history.record_eval(self.round, float(acc), auc, float(per_client_acc.std()),
+                                 float(aucs[has_test].std()), train_loss)
+        tqdm.write(f"round {self.round:4d} | test acc {acc:.4f} | test auc {auc:.4f} | "
+                   f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}")
+
+    def send(self, selected):
+        """What the server sends to the clients selected for this round; `Local` sends nothing."""
+
+    def server_round(self, arrived, timer):
+        """What the server does with the uploads of one round; `Local` has nothing to do."""
+
+    def train(self):
+        """Run the remaining rounds; returns the history. Round r evaluates (every -eg rounds and at the end)
+        before training, so round 0 measures the untrained models and the last evaluation follows the last round."""
+        rounds = tqdm(range(self.round, self.args.global_rounds + 1), desc=f"run {self.run}", unit="round",
+                      initial=self.round, total=self.args.global_rounds + 1, disable=self.finished)
+        for r in rounds:
+            if self.finished:
+                break
+            self.round = r
+            timer = PhaseTimer(self.phases, self.device)
+            start = time.perf_counter()
+            last = r == self.args.global_rounds
+            if r % self.args.eval_gap == 0 or last:
+                with timer("eval"):
+                    self.evaluate()
+                if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
+                    self.finished = True
+                    self.save_checkpoint()
+                    break
+            self.upload_floats = self.download_floats = 0
+            self.round_metrics = {}
+            selected = self.select_clients()
+            self.send(selected)
+            train_seconds = {}
+            with timer("train"):
+                for client in tqdm(selected, desc="clients", unit="client", leave=False):
+                    client_start = time.perf_counter()
+                    client.train()
+                    train_seconds[client.id] = time.perf_counter() - client_start
+            trained = [self.clients[i] for i in train_seconds]
+            self.server_round(self.arrived_uploads(trained, train_seconds), timer)
+            self.history.record_round(time.perf_counter() - start, timer.seconds,
+                                      self.upload_floats, self.download_floats, self.round_metrics)
+            self.round = r + 1
+            self.save_checkpoint()
+        best_acc, best_round = self.history.best()
+        times = self.history.values["round_time"]
+        tqdm.write(f"run {self.run}: best test accuracy {best_acc:.4f} at round {best_round}; "
+                   f"{np.mean(times) if times else float('nan'):.2f} s per round")
+        return self.history
+
+    def extra_state(self):
+        """Algorithm-specific server state to checkpoint."""
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def checkpoint_path(self):
+        if not self.args.save_folder_name:
+            return None
+        return os.path.join(self.args.save_folder_name, run_name(self.args, self.run) + ".pt")
+
+    def fingerprint(self):
+        return {k: v for k, v in sorted(vars(self.args).items()) if k not in RESUME_FREE_FLAGS}
+
+    def state_dict(self):
+        return {
+            "fingerprint": self.fingerprint(),
+            "round": self.round,
+            "finished": self.finished,
+            "history": self.history.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "clients": [client.state_dict() for client in self.clients],
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state):
+        if state["fingerprint"] != self.fingerprint():
+            changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint())
+                             if state["fingerprint"].get(k) != self.fingerprint().get(k))
+            raise UserError(f"the checkpoint was made with other values of {', '.join(changed)}; "
+                            f"rerun with the same flags or drop --resume")
+        self.round = state["round"]
+        self.finished = state["finished"]
+        self.history.load_state_dict(state["history"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for client, client_state in zip(self.clients, state["clients"]):
+            client.load_state_dict(client_state)
+        self.load_extra_state(state["extra"])
+
+    def save_checkpoint(self):
+        """Written to a temporary file and renamed, so a kill during the write keeps the previous checkpoint."""
+        path = self.checkpoint_path()
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def resume(self):
+        """Load this run's checkpoint; returns False when there is none (the run starts from round 0)."""
+        path = self.checkpoint_path()
+        if path is None or not os.path.isfile(path):
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to start over") from None
+        self.load_state_dict(state)
+        tqdm.write(f"run {self.run}: resumed from {path} at round {self.round}")
+        return True

@@ -1,0 +1,146 @@
+"""FedKTL's Knowledge-Transfer Loop, written once; a generator adapter says how to draw valid latents and
+render them (serverktl_stylegan_3.py, serverktl_stylegan_xl.py)."""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from flcore.clients.clientktl import ClientKTL
+from flcore.errors import UserError
+from flcore.ktl_ops import FeatureTransformer, align_domains, simplex_etf
+from flcore.results import run_name
+from flcore.servers.serverbase import Server
+from flcore.visualize import save_image_grid
+
+ALIGN_GRAD_CLIP = 100.0
+
+
+def to_client_images(images, image_shape):
+    """Generator output in [-1, 1] -> the clients' shape and normalization (mean 0.5, std 0.5 per channel):
+    channels matched, resized so the short side fits, center-cropped."""
+    channels, height, width = image_shape
+    images = images.float().clamp(-1, 1)
+    if images.shape[1] == 3 and channels == 1:
+        images = (images * torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)).sum(1, True)
+    elif images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] != channels:
+        raise UserError(f"the generator makes {images.shape[1]}-channel images; clients need {channels}")
+    scale = max(height / images.shape[2], width / images.shape[3])
+    size = (max(height, round(images.shape[2] * scale)), max(width, round(images.shape[3] * scale)))
+    if size != tuple(images.shape[2:]):
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    # [0, 1] -> normalized with mean 0.5, std 0.5 is the identity on [-1, 1] up to the clamp.
+    return images[:, :, top:top + height, left:left + width].clamp(-1, 1).contiguous()
+
+
+class ServerKTL(Server):
+    client_class = ClientKTL
+    phases = ("eval", "train", "prototypes", "align", "generate")
+
+    def build_generator(self):
+        """Returns the generator adapter: `latent_dim`, `defaults` {lam, mu, slr},
+        `sample_valid(n, generator)` and `render(latents)` -> images in [-1, 1]."""
+        raise NotImplementedError
+
+    def prepare(self):
+        self.image_generator = self.build_generator()
+        latent_dim = self.image_generator.latent_dim
+        defaults = self.image_generator.defaults
+        self.lam = self.args.lamda if self.args.lamda is not None else defaults["lam"]
+        self.mu = self.args.mu if self.args.mu is not None else defaults["mu"]
+        self.server_lr = (self.args.server_learning_rate if self.args.server_learning_rate is not None
+                          else defaults["slr"])
+        self.torch_generator = torch.Generator().manual_seed(self.seed)
+        self.etf = simplex_etf(self.num_classes, self.torch_generator)
+        self.transformer = FeatureTransformer(self.num_classes, latent_dim).to(self.device)
+        # Centroids start as valid latents, so a class no client has shown yet still renders in-distribution.
+        self.centroids = nn.Parameter(self.sample_valid(self.num_classes))
+        self.align_optimizer = torch.optim.Adam(list(self.transformer.parameters()) + [self.centroids],
+                                                lr=self.server_lr)
+        self.proj = nn.Linear(self.args.feature_dim, latent_dim)
+        self.pair_images = None
+        self.pair_latents = None
+        tqdm.write(f"FedKTL: lambda {self.lam}, mu {self.mu}, server lr {self.server_lr}, latent dim {latent_dim}")
+
+    def sample_valid(self, n):
+        with torch.no_grad():
+            return self.image_generator.sample_valid(n, self.torch_generator).float().to(self.device)
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        return ClientKTL(self.args, client_id, model, data, seed, self.device, train_slow,
+                         etf=self.etf, latent_dim=self.image_generator.latent_dim, mu=self.mu)
+
+    def send(self, selected):
+        if self.pair_latents is None:
+            return
+        pair_floats = self.pair_images.numel() + self.pair_latents.numel()
+        proj_state = {k: v.clone() for k, v in self.proj.state_dict().items()}
+        proj_floats = sum(v.numel() for v in proj_state.values())
+        for client in selected:
+            first = not client.has_proj
+            client.receive(self.pair_images, self.pair_latents, proj_state if first else None)
+            self.download_floats += pair_floats + (proj_floats if first else 0)
+
+    def server_round(self, arrived, timer):
+        with timer("prototypes"):
+            uploads = [client.prototypes() for client in arrived]
+        prototypes = torch.cat([p for p, _ in uploads]) if uploads else torch.empty(0, self.num_classes)
+        labels = torch.cat([c for _, c in uploads]) if uploads else torch.empty(0, dtype=torch.long)
+        self.upload_floats += prototypes.numel()
+        if len(prototypes) < 2:
+            tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")
+            self.round_metrics = {"align_mmd": math.nan, "align_centroid": math.nan}
+            return
+        with timer("align"):
+            stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
+                                  labels.to(self.device), self.sample_valid, self.align_optimizer,
+                                  self.args.server_epochs, self.args.server_batch_size, self.lam,
+                                  self.torch_generator, ALIGN_GRAD_CLIP)
+        self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"]}
+        tqdm.write(f"round {self.round}: alignment MMD {stats['mmd']:.4f} | centroid MSE {stats['centroid']:.4f}")
+        with timer("generate"):
+            self.pair_latents = self.centroids.detach().clone()
+            self.pair_images = self.generate(self.pair_latents)
+        self.save_images()
+
+    @torch.no_grad()
+    def generate(self, latents):
+        """One image per class, rendered in batches of -gbs, in the clients' shape and normalization."""
+        batches = [self.image_generator.render(chunk) for chunk in latents.split(self.args.gen_batch_size)]
+        return to_client_images(torch.cat(batches), self.dataset.image_shape)
+
+    def save_images(self):
+        every = self.args.image_every
+        if not every or ((self.round + 1) % every and self.round + 1 != self.args.global_rounds):
+            return
+        folder = os.path.join(self.args.results_dir, run_name(self.args, self.run) + "_images")
+        save_image_grid(os.path.join(folder, f"round_{self.round:04d}.png"), self.pair_images,
+                        [f"class {c}" for c in range(self.num_classes)])
+
+    def extra_state(self):
+        return {
+            "etf": self.etf,
+            "transformer": self.transformer.state_dict(),
+            "centroids": self.centroids.detach().cpu(),
+            "align_optimizer": self.align_optimizer.state_dict(),
+            "proj": self.proj.state_dict(),
+            "torch_generator": self.torch_generator.get_state(),
+            "pair_images": self.pair_images,
+            "pair_latents": self.pair_latents,
+        }
+
+    def load_extra_state(self, state):
+        self.etf.copy_(state["etf"])
+        self.transformer.load_state_dict(state["transformer"])
+        with torch.no_grad():
+            self.centroids.copy_(state["centroids"])
+        self.align_optimizer.load_state_dict(state["align_optimizer"])
+        self.proj.load_state_dict(state["proj"])
+        self.torch_generator.set_state(state["torch_generator"])
+        self.pair_images = None if state["pair_images"] is None else state["pair_images"].to(self.device)
+        self.pair_latents = None if state["pair_latents"] is None else state["pair_latents"].to(self.device)

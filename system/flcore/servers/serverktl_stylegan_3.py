@@ -1,0 +1,64 @@
+"""FedKTL with a StyleGAN2/StyleGAN3-style generator: the latent space is W, valid latents are
+G.mapping(z, c)[:, 0] for z ~ N(0, I), and a latent is rendered by repeating it over G.num_ws."""
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from flcore.errors import UserError
+from flcore.options import REPO_ROOT
+from flcore.servers.serverktl import ServerKTL
+
+STYLEGAN_DIR = os.path.join(REPO_ROOT, "stylegan")
+if STYLEGAN_DIR not in sys.path:
+    sys.path.insert(0, STYLEGAN_DIR)
+
+from compact_stylegan import build_default_generator  # noqa: E402
+from generator_io import GeneratorLoadError, load_generator_pickle  # noqa: E402
+
+
+class StyleGANLatents:
+    """W-space adapter for any generator with NVIDIA's interface (mapping, synthesis, num_ws, w_dim)."""
+
+    def __init__(self, G, device, defaults):
+        self.G = G.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.latent_dim = G.w_dim
+        self.defaults = defaults
+
+    def labels(self, n, generator):
+        """Random one-hot class labels for a class-conditional generator, None for an unconditional one."""
+        if self.G.c_dim == 0:
+            return None
+        classes = torch.randint(self.G.c_dim, (n,), generator=generator)
+        return torch.nn.functional.one_hot(classes, self.G.c_dim).float().to(self.device)
+
+    def sample_valid(self, n, generator):
+        z = torch.randn(n, self.G.z_dim, generator=generator).to(self.device)
+        return self.G.mapping(z, self.labels(n, generator))[:, 0]
+
+    def render(self, latents):
+        ws = latents.to(self.device).unsqueeze(1).repeat(1, self.G.num_ws, 1)
+        return self.G.synthesis(ws, noise_mode="const")
+
+
+class ServerKTLStyleGAN3(ServerKTL):
+    defaults = {"lam": 0.1, "mu": 50.0, "slr": 0.01}
+    builtin_c_dim = 0
+    weights_readme = "stylegan/stylegan-3-models/README.md"
+
+    def build_generator(self):
+        path = self.args.generator_path
+        if path:
+            try:
+                G = load_generator_pickle(path, device=self.device)
+            except GeneratorLoadError as exc:
+                raise UserError(str(exc)) from None
+        else:
+            channels, height, _ = self.dataset.image_shape
+            G = build_default_generator(height, channels, c_dim=self.builtin_c_dim)
+            tqdm.write(f"FedKTL: no -GPath given, so images come from an untrained built-in generator "
+                       f"(random weights, no pre-trained knowledge); pass -GPath <generator .pkl> "
+                       f"(see {self.weights_readme}) to use pretrained weights.")
+        return StyleGANLatents(G, self.device, self.defaults)
