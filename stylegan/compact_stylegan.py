@@ -229,10 +229,13 @@ class CompactGenerator(nn.Module):
                  mapping_layers=4, channel_base=1024, channel_max=128):
         super().__init__()
         if img_resolution < MIN_RESOLUTION or img_resolution & (img_resolution - 1):
-            raise ValueError(f"img_resolution must be a power of two >= {MIN_RESOLUTION}, got {img_resolution}")
-        for name, value, minimum in (("z_dim", z_dim, 1), ("w_dim", w_dim, 1), ("c_dim", c_dim, 0),
-                                     ("img_channels", img_channels, 1), ("mapping_layers", mapping_layers, 1),
-                                     ("channel_max", channel_max, 1), ("channel_base", channel_base, img_resolution)):
+            raise ValueError(f"img_resolution must be a power of two >= {MIN_RESOLUTION}, "
+                             f"got {img_resolution}")
+        minimums = (("z_dim", z_dim, 1), ("w_dim", w_dim, 1), ("c_dim", c_dim, 0),
+                    ("img_channels", img_channels, 1), ("mapping_layers", mapping_layers, 1),
+                    ("channel_max", channel_max, 1),
+                    ("channel_base", channel_base, img_resolution))  # >= 1 channel at full size
+        for name, value, minimum in minimums:
             if value < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
         self.z_dim, self.w_dim, self.c_dim = z_dim, w_dim, c_dim

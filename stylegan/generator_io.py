@@ -57,9 +57,10 @@ def _unpickle(path):
             f"{path} needs the module '{error.name}' to unpickle: install it or put its folder on "
             f"sys.path (for compact_stylegan, <repo>/stylegan) ({DOWNLOAD_HINT})") from None
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-            TypeError, ValueError, UnicodeDecodeError) as error:
+            RuntimeError, TypeError, ValueError, UnicodeDecodeError) as error:
+        detail = " ".join(str(error).split())  # keeps the message on one line
         raise GeneratorLoadError(
-            f"{path} is not a readable generator pickle ({type(error).__name__}: {error}); "
+            f"{path} is not a readable generator pickle ({type(error).__name__}: {detail}); "
             f"re-download or re-save it ({DOWNLOAD_HINT})") from None
 
 

@@ -32,6 +32,8 @@ def resolve_device(args):
 def run_experiment(args):
     """All runs of one configuration; returns the summary over runs."""
     device = resolve_device(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     server_cls = server_class(args.algorithm)
     try:
         family = family_models(args.model_family)

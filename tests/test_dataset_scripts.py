@@ -110,6 +110,12 @@ def test_train_ratio_is_three_quarters_per_client(digits_out):
     assert 0.74 < sum(config["train_sizes"]) / NUM_DIGITS < 0.76
 
 
+def test_dataset_folder_follows_the_umask(digits_out):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(digits_out).st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_archives_hold_plain_arrays(digits_out):
     with zipfile.ZipFile(os.path.join(digits_out, "train", "0.npz")) as archive:
         assert sorted(archive.namelist()) == ["x.npy", "y.npy"]

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 import zipfile
 
 import numpy as np
@@ -113,7 +113,8 @@ def write_dataset(out_dir: str, images: np.ndarray, labels: np.ndarray,
     }
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent)
+    staging = os.path.join(parent, f".{name}.building-{uuid.uuid4().hex}")
+    os.mkdir(staging)  # not tempfile.mkdtemp: its 0700 mode would stick to the dataset folder
     try:
         for split in ("train", "test"):
             os.mkdir(os.path.join(staging, split))

@@ -58,6 +58,8 @@ def build_parser():
                          help="folder for per-round checkpoints (none when empty)")
     general.add_argument("--resume", action="store_true",
                          help="continue each run from its last checkpoint in -sfn")
+    general.add_argument("--num_threads", type=int, default=0,
+                         help="CPU threads for torch (0: torch's default)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
     general.add_argument("--dataset_dir", default=os.path.join(REPO_ROOT, "dataset"))
     general.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
@@ -113,6 +115,7 @@ def validate(args):
         (args.feature_dim >= 1, f"-fd must be >= 1, got {args.feature_dim}"),
         (args.times >= 1, f"-t must be >= 1, got {args.times}"),
         (0 <= args.prev < args.times, f"-pv must be in [0, -t), got {args.prev}"),
+        (args.num_threads >= 0, f"--num_threads must be >= 0, got {args.num_threads}"),
         (args.top_cnt >= 1, f"-tc must be >= 1, got {args.top_cnt}"),
         (args.server_batch_size >= 2, f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
         (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),

@@ -14,7 +14,7 @@ from flcore.trainmodel import build_family_model
 
 # Flags that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
-                     "image_every", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir"}
+                     "image_every", "num_threads", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1

@@ -8,7 +8,8 @@ FAMILIES: dict[str, list[str]] = {
     "HtFE3": ["resnet10", "resnet18", "resnet34"],
     "HtFE4": ["cnn4", "googlenet", "mobilenet_v2", "resnet18"],
     "HtFE8": _HTFE8,
-    "HtFE9": ["resnet4", "resnet6", "resnet8", "resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"],
+    "HtFE9": ["resnet4", "resnet6", "resnet8", "resnet10", "resnet18", "resnet34", "resnet50", "resnet101",
+              "resnet152"],
     "HtM10": _HTFE8 + ["vit_b_16", "vit_b_32"],
     "HtCPU4": ["tiny_cnn", "tiny_resnet", "tiny_mobilenet", "tiny_mixer"],  # not in the paper: CPU demos
 }

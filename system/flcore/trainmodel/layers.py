@@ -12,7 +12,8 @@ def to_feature_dim(width: int, feature_dim: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(feature_dim))
 
 
-def conv_bn_relu(in_width: int, out_width: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+def conv_bn_relu(in_width: int, out_width: int, kernel_size: int = 3, stride: int = 1,
+                 groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_width, out_width, kernel_size, stride, padding=kernel_size // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_width),

@@ -19,7 +19,8 @@ class BasicBlock(nn.Module):
         )
         self.shortcut = nn.Identity()
         if stride != 1 or in_width != out_width:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_width, out_width, 1, stride, bias=False), nn.BatchNorm2d(out_width))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_width, out_width, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_width))
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):

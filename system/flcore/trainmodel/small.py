@@ -45,7 +45,8 @@ class MixerBlock(nn.Module):
     def __init__(self, num_tokens: int, width: int, token_hidden: int, channel_hidden: int):
         super().__init__()
         self.token_norm = nn.LayerNorm(width)
-        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, num_tokens))
+        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, token_hidden), nn.GELU(),
+                                       nn.Linear(token_hidden, num_tokens))
         self.channel_norm = nn.LayerNorm(width)
         self.channel_mlp = nn.Sequential(nn.Linear(width, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, width))
 

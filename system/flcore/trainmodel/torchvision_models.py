@@ -1,4 +1,7 @@
-"""torchvision architectures (random init, classification layer removed) as client bases."""
+"""torchvision architectures (random init, classification layer removed) as client bases.
+
+Dropout that preceded the removed classifier (GoogLeNet, MobileNetV2) stays part of the base.
+"""
 from torch import nn
 from torchvision import models
 
