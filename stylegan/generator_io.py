@@ -1,13 +1,18 @@
 """Saving and loading generators as pickles shaped like NVIDIA's: a dict with the key 'G_ema'.
 
-Standard pickle stores a class by its module path, so loading needs that module importable:
-``compact_stylegan`` (put ``<repo>/stylegan`` on sys.path) for pickles written here, NVIDIA's
-``dnnlib`` / ``torch_utils`` packages for their official pickles. Unpickling runs code from the
-file: load only pickles from sources you trust.
+Loading goes through ``stylegan/stylegan-utils``, the project's implementation of the modules
+NVIDIA's network pickles import (``dnnlib``, ``torch_utils``, ``legacy``); this module puts that
+folder on sys.path itself. NVIDIA's official pickles (StyleGAN2/2-ADA/3, StyleGAN-XL) load with it,
+and so do pickles written here: by default they store the generator's classes by module path
+(``compact_stylegan``, found with ``<repo>/stylegan`` on sys.path); ``self_contained=True`` embeds
+the source instead, as NVIDIA's pickles do. Unpickling runs code from the file: load only pickles
+from sources you trust.
 """
 import copy
+import importlib
 import os
 import pickle
+import sys
 import tempfile
 
 import torch.nn as nn
@@ -15,7 +20,7 @@ import torch.nn as nn
 GENERATOR_KEY = "G_ema"
 REQUIRED_ATTRIBUTES = ("z_dim", "w_dim", "c_dim", "num_ws", "img_resolution", "img_channels",
                        "mapping", "synthesis")
-NVIDIA_MODULES = ("dnnlib", "torch_utils")
+STYLEGAN_UTILS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stylegan-utils")
 DOWNLOAD_HINT = ("download pages: stylegan/stylegan-3-models/README.md, "
                  "stylegan/stylegan-xl-models/README.md")
 
@@ -24,12 +29,41 @@ class GeneratorLoadError(ValueError):
     """A generator pickle that cannot be used; the message names the fix."""
 
 
-def save_generator_pickle(G: nn.Module, path) -> None:
-    """Writes {'G_ema': G} (a CPU copy, so any machine can load it) atomically to path."""
+def add_stylegan_utils_to_path() -> None:
+    """Puts stylegan/stylegan-utils first on sys.path, so the module names NVIDIA's pickles and
+    network code import (dnnlib, torch_utils, legacy) resolve to the project's implementation."""
+    if STYLEGAN_UTILS_DIR not in sys.path:
+        sys.path.insert(0, STYLEGAN_UTILS_DIR)
+
+
+def _import_from_stylegan_utils(name):
+    add_stylegan_utils_to_path()
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        detail = " ".join(str(error).split())
+        raise GeneratorLoadError(f"cannot import {name} from {STYLEGAN_UTILS_DIR} ({type(error).__name__}: "
+                                 f"{detail}); restore stylegan/stylegan-utils from the repository") from None
+    location = os.path.realpath(getattr(module, "__file__", None) or "?")
+    if not location.startswith(os.path.realpath(STYLEGAN_UTILS_DIR) + os.sep):
+        raise GeneratorLoadError(f"another module named '{name}' ({location}) is already imported and hides "
+                                 f"{STYLEGAN_UTILS_DIR}'s; run without that module's folder on sys.path")
+    return module
+
+
+def save_generator_pickle(G: nn.Module, path, self_contained: bool = False) -> None:
+    """Writes {'G_ema': G} (a CPU copy, so any machine can load it) atomically to path.
+
+    self_contained=True embeds the source of G's module (NVIDIA's persistence format), so that the
+    file loads with only stylegan/stylegan-utils on sys.path, like NVIDIA's pickles."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    generator = copy.deepcopy(G).eval().requires_grad_(False).cpu()
+    if self_contained:
+        generator = _import_from_stylegan_utils("torch_utils.persistence").persistent_copy(G)
+    else:
+        generator = copy.deepcopy(G)
+    generator = generator.eval().requires_grad_(False).cpu()
     handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pkl")
     try:
         with os.fdopen(handle, "wb") as file:
@@ -42,41 +76,53 @@ def save_generator_pickle(G: nn.Module, path) -> None:
         raise
 
 
-def _unpickle(path):
+def _missing_module_error(path, module_name):
+    return GeneratorLoadError(
+        f"{path} needs the module '{module_name}' to unpickle: install it or put its folder on "
+        f"sys.path (for compact_stylegan, <repo>/stylegan) ({DOWNLOAD_HINT})")
+
+
+def _unpickle(path, legacy):
     try:
         with open(path, "rb") as file:
-            return pickle.load(file)
+            return legacy.load_pickle(file)
     except ModuleNotFoundError as error:
-        top_level = (error.name or "").split(".")[0]
-        if top_level in NVIDIA_MODULES:
-            raise GeneratorLoadError(
-                f"{path} is an official NVIDIA pickle: unpickling it needs their '{top_level}' module, "
-                f"and the loader for such pickles, stylegan/stylegan-utils, is not in this version yet; "
-                f"use a pickle saved by generator_io.save_generator_pickle ({DOWNLOAD_HINT})") from None
-        raise GeneratorLoadError(
-            f"{path} needs the module '{error.name}' to unpickle: install it or put its folder on "
-            f"sys.path (for compact_stylegan, <repo>/stylegan) ({DOWNLOAD_HINT})") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
-            RuntimeError, TypeError, ValueError, UnicodeDecodeError) as error:
-        detail = " ".join(str(error).split())  # keeps the message on one line
+        raise _missing_module_error(path, error.name) from None
+    except Exception as error:  # a corrupt or foreign file can fail in any way: report it in one line
+        detail = " ".join(str(error).split())
         raise GeneratorLoadError(
             f"{path} is not a readable generator pickle ({type(error).__name__}: {detail}); "
             f"re-download or re-save it ({DOWNLOAD_HINT})") from None
 
 
+def _check_rebuilt(path, obj, legacy):
+    """Raises if the loader had to stand in placeholders for code that obj needs."""
+    unavailable = legacy.find_unavailable(obj)
+    missing = [cls.missing_module for cls in unavailable if cls.missing_module]
+    if missing:
+        raise _missing_module_error(path, missing[0])
+    if unavailable:
+        raise GeneratorLoadError(f"{path} {unavailable[0].reason}: install a version that has it "
+                                 f"({DOWNLOAD_HINT})")
+
+
 def load_generator_pickle(path, device="cpu") -> nn.Module:
-    """Reads G from a pickle holding {'G_ema': G}; returns it frozen, in eval mode, on device."""
+    """Reads G from a pickle holding {'G_ema': G} (NVIDIA's network pickles or ours); returns it
+    frozen, in eval mode, on device."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GeneratorLoadError(f"generator pickle not found: {path}; pass the path of a "
                                  f"downloaded or saved .pkl file ({DOWNLOAD_HINT})")
-    data = _unpickle(path)
+    legacy = _import_from_stylegan_utils("legacy")
+    data = _unpickle(path, legacy)
     if not isinstance(data, dict) or GENERATOR_KEY not in data:
+        _check_rebuilt(path, data, legacy)
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise GeneratorLoadError(
             f"{path} holds no '{GENERATOR_KEY}' generator (found {found}); use a generator pickle "
             f"such as NVIDIA's network pickles or one saved by save_generator_pickle ({DOWNLOAD_HINT})")
     generator = data[GENERATOR_KEY]
+    _check_rebuilt(path, generator, legacy)
     missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(generator, name)]
     if not isinstance(generator, nn.Module) or missing:
         raise GeneratorLoadError(

@@ -225,3 +225,22 @@ def test_checkpoint_write_is_atomic(small_run, tmp_path, monkeypatch):
     assert open(path, "rb").read() == before
     fresh = make_server(small_run, "-sfn", str(tmp_path / "ck"), "--resume")
     assert fresh.resume() and fresh.round == 0
+
+
+@pytest.mark.parametrize("eval_gap", ["1", "2"])
+def test_a_finished_run_extended_with_more_rounds_equals_a_longer_run(small_run, tmp_path, eval_gap):
+    longer = small_run("-algo", "FedKTL-stylegan-3", "-gr", "3", "-eg", eval_gap, *FAST_SERVER,
+                       "--image_every", "0")
+    assert main.main(longer) == 0
+    expected = read_h5(os.path.join(results_dir(longer), "Digits_FedKTL-stylegan-3_test_0.h5"))
+
+    short = longer + ["-sfn", str(tmp_path / "ck")]
+    short[short.index("-gr") + 1] = "1"
+    short[short.index("--results_dir") + 1] = str(tmp_path / "extended")
+    assert main.main(short) == 0
+    extended = list(short)
+    extended[extended.index("-gr") + 1] = "3"
+    assert main.main(extended + ["--resume"]) == 0
+    resumed = read_h5(os.path.join(tmp_path / "extended", "Digits_FedKTL-stylegan-3_test_0.h5"))
+    for key in COMPARED:
+        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

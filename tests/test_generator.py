@@ -266,14 +266,6 @@ def write_pickle(path, obj):
     return path
 
 
-def nvidia_style_pickle(path):
-    # Protocol-0 opcodes for {'G_ema': torch_utils.persistence._reconstruct_persistent_obj()},
-    # the shape of NVIDIA's persistent-class pickles, written by hand so no such module is needed.
-    path.write_bytes(b"(dp0\nVG_ema\np1\nctorch_utils.persistence\n_reconstruct_persistent_obj\n"
-                     b"p2\n(tRp3\ns.")
-    return path
-
-
 def assert_load_error(path, *fragments):
     with pytest.raises(GeneratorLoadError) as caught:
         load_generator_pickle(path)
@@ -312,10 +304,30 @@ def test_object_without_the_interface_lists_the_missing_attributes(tmp_path):
     assert "missing: z_dim, w_dim, c_dim, num_ws, img_resolution, img_channels, mapping, synthesis" in message
 
 
-def test_official_nvidia_pickle_needs_the_stylegan_utils_loader(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_utils", None)  # not importable, wherever tests run
-    assert_load_error(nvidia_style_pickle(tmp_path / "afhqv2.pkl"), "official NVIDIA pickle",
-                      "'torch_utils'", "stylegan/stylegan-utils", "not in this version yet")
+def test_nvidia_format_pickle_loads_through_stylegan_utils(tmp_path):
+    # self_contained=True writes NVIDIA's persistent format: the classes travel as embedded source and
+    # rebuild through stylegan/stylegan-utils, which load_generator_pickle puts on sys.path itself.
+    G = small_generator(img_resolution=8)
+    path = tmp_path / "official-format.pkl"
+    save_generator_pickle(G, path, self_contained=True)
+    assert b"torch_utils.persistence" in path.read_bytes() and b"compact_stylegan" not in path.read_bytes()
+    ws = G.mapping(torch.randn(2, 32))
+    torch.save(ws, tmp_path / "ws.pt")
+    script = (
+        "import sys, torch\n"
+        f"sys.path[:] = [p for p in sys.path if p != ''] + [{STYLEGAN_DIR!r}]\n"
+        "from generator_io import load_generator_pickle\n"
+        f"G = load_generator_pickle({str(path)!r})\n"
+        "assert type(G).__module__.startswith('_imported_module_'), type(G).__module__\n"
+        f"torch.save(G.synthesis(torch.load({str(tmp_path / 'ws.pt')!r})), {str(tmp_path / 'img.pt')!r})\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        expected = G.synthesis(ws)
+    assert torch.equal(torch.load(tmp_path / "img.pt"), expected)
 
 
 def test_pickle_needing_another_missing_module_names_it(tmp_path):

@@ -183,9 +183,16 @@ def test_family_models_returns_a_copy():
 def test_unknown_family_error_lists_choices():
     with pytest.raises(ValueError) as error:
         family_models("HtFE5")
-    assert str(error.value) == f"unknown model family 'HtFE5'; choose from: {', '.join(FAMILIES)}"
+    message = str(error.value)
+    assert message.startswith("unknown model family 'HtFE5'") and "\n" not in message
+    assert all(name in message for name in FAMILIES) and "resnet152" in message
     with pytest.raises(ValueError, match="unknown model family 'htfe8'"):
         build_family_model("htfe8", 0, NUM_CLASSES)
+
+
+def test_a_model_name_is_a_family_of_one():
+    assert family_models("cnn4") == ["cnn4"]
+    assert build_family_model("cnn4", 3, NUM_CLASSES).model_name == "cnn4"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

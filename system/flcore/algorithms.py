@@ -7,6 +7,17 @@ ALGORITHMS = {
     "Local": "flcore.servers.serverlocal:ServerLocal",
     "FedKTL-stylegan-3": "flcore.servers.serverktl_stylegan_3:ServerKTLStyleGAN3",
     "FedKTL-stylegan-xl": "flcore.servers.serverktl_stylegan_xl:ServerKTLStyleGANXL",
+    "FedKTL-stable-diffusion": "flcore.servers.serverktl_stable_diffusion:ServerKTLStableDiffusion",
+    "FedDistill": "flcore.servers.serverdistill:ServerFedDistill",
+    "FD": "flcore.servers.serverdistill:ServerFedDistill",
+    "FML": "flcore.servers.serverfml:ServerFML",
+    "LG-FedAvg": "flcore.servers.serverlg:ServerLG",
+    "LG": "flcore.servers.serverlg:ServerLG",
+    "FedGen": "flcore.servers.servergen:ServerFedGen",
+    "FedProto": "flcore.servers.serverproto:ServerFedProto",
+    "FedKD": "flcore.servers.serverkd:ServerFedKD",
+    "FedGH": "flcore.servers.servergh:ServerFedGH",
+    "FedTGP": "flcore.servers.servertgp:ServerFedTGP",
 }
 
 

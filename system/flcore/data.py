@@ -70,6 +70,14 @@ def _read_split(path, num_classes, regenerate):
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
+def keep_shots(x, y, shots, generator):
+    """At most `shots` randomly chosen training samples of every class."""
+    order = torch.randperm(len(y), generator=generator)
+    kept = [order[y[order] == c][:shots] for c in torch.unique(y)]
+    index = torch.sort(torch.cat(kept)).values
+    return x[index], y[index]
+
+
 def load_federated_dataset(args):
     folder = os.path.join(args.dataset_dir, args.dataset)
     regenerate = generate_command(args.dataset, args.num_clients)
@@ -100,6 +108,8 @@ def load_federated_dataset(args):
         if len(train_y) == 0:
             raise UserError(f"client {i} has no training data in {folder}; regenerate with a partition that "
                             f"gives every client data (e.g. a larger --alpha): {regenerate}")
+        if args.shots:
+            train_x, train_y = keep_shots(train_x, train_y, args.shots, torch.Generator().manual_seed(args.seed + i))
         clients.append(ClientData(train_x, train_y, test_x, test_y))
     shapes = {tuple(c.train_x.shape[1:]) for c in clients}
     if len(shapes) != 1:

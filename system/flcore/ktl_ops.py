@@ -114,6 +114,19 @@ class FeatureTransformer(nn.Module):
         return self.layers(prototypes)
 
 
+class FixedProjection(nn.Module):
+    """The ablation without F: a fixed (untrained) random Linear(K, latent_dim), same interface as F."""
+
+    def __init__(self, num_classes: int, latent_dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.latent_dim = latent_dim
+        self.linear = nn.Linear(num_classes, latent_dim).requires_grad_(False)
+
+    def forward(self, prototypes: torch.Tensor) -> torch.Tensor:
+        return self.linear(prototypes)
+
+
 def _check_labels(labels: torch.Tensor, count: int, num_classes: int) -> None:
     if labels.shape != (count,):
         raise ValueError(f"need one label per prototype: expected shape ({count},), "
@@ -170,11 +183,12 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
                   prototypes: torch.Tensor, labels: torch.Tensor,
                   sample_valid: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
                   epochs: int, batch_size: int, lam: float, generator: torch.Generator,
-                  grad_clip: float = 100.0, use_mmd: bool = True) -> dict:
+                  grad_clip: float = 100.0, use_mmd: bool = True, reset_centroids: bool = True) -> dict:
     """Server domain alignment: train F and Q on the pooled prototypes (spec step 3).
 
     Returns the last epoch's mean 'mmd', 'centroid' (MSE) and 'loss' terms (floats) and the
-    number of optimizer 'steps' (int). Leaves F in eval mode and Q at the class means of F(P).
+    number of optimizer 'steps' (int). Leaves F in eval mode and, with `reset_centroids` (the paper),
+    Q at the class means of F(P) before and after training.
     """
     if epochs < 1:
         raise ValueError(f"align_domains needs epochs >= 1 (got {epochs})")
@@ -187,7 +201,8 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
     labels = labels.long().to(prototypes.device)
     clipped_params = list(transformer.parameters()) + [centroids]
 
-    _reset_to_class_means(transformer, centroids, prototypes, labels)
+    if reset_centroids:
+        _reset_to_class_means(transformer, centroids, prototypes, labels)
     transformer.train()
     steps = 0
     for _ in range(epochs):
@@ -212,7 +227,9 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
             sums['mmd'] += mmd_term.item()
             sums['centroid'] += centroid_term.item()
             sums['loss'] += loss.item()
-    _reset_to_class_means(transformer, centroids, prototypes, labels)
+    transformer.eval()
+    if reset_centroids:
+        _reset_to_class_means(transformer, centroids, prototypes, labels)
 
     stats = {name: total / len(batches) for name, total in sums.items()}
     stats['steps'] = steps

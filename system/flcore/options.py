@@ -64,6 +64,10 @@ def build_parser():
     general.add_argument("--dataset_dir", default=os.path.join(REPO_ROOT, "dataset"))
     general.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
 
+    general.add_argument("--shots", type=int, default=0,
+                         help="keep only this many training samples per class on each client "
+                              "(N-way K-shot, the paper's cloud-edge setting; 0: all)")
+
     local = p.add_argument_group("local training")
     local.add_argument("-lbs", "--batch_size", type=int, default=10)
     local.add_argument("-lr", "--local_learning_rate", type=float, default=0.01)
@@ -87,15 +91,64 @@ def build_parser():
     ktl.add_argument("-sbs", "--server_batch_size", type=int, default=100)
     ktl.add_argument("-se", "--server_epochs", type=int, default=100)
     ktl.add_argument("-lam", "--lamda", type=float, default=None,
-                     help="weight of the centroid term; default: the generator's value from the paper")
+                     help="FedKTL: weight of the centroid term; other algorithms: their regularizer's weight; "
+                          "default: each algorithm's value from its paper or the reference library")
     ktl.add_argument("-mu", "--mu", type=float, default=None,
                      help="weight of the knowledge-transfer task; default: the generator's value")
     ktl.add_argument("-GPath", "--generator_path", default="",
                      help="generator pickle ({'G_ema': G}) or diffusers folder; empty: built-in untrained generator")
     ktl.add_argument("-gbs", "--gen_batch_size", type=int, default=4)
     ktl.add_argument("-prompt", "--stable_diffusion_prompt", default="a cat")
+    ktl.add_argument("--sd_steps", type=int, default=50, help="Stable Diffusion: denoising steps per image")
+    ktl.add_argument("--sd_guidance", type=float, default=7.5,
+                     help="Stable Diffusion: classifier-free guidance scale (<= 1: no guidance)")
+    ktl.add_argument("--sd_negative_prompt", default="", help="Stable Diffusion: negative prompt for guidance")
+    ktl.add_argument("--sd_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                     help="Stable Diffusion weights on CUDA (auto: float16); the CPU always uses float32")
+    ktl.add_argument("--sd_resolution", type=int, default=0,
+                     help="Stable Diffusion: image side in pixels, a multiple of 8 (0: the model's own, 512 for "
+                          "v1.5); lower is faster and shrinks the latent")
+    _bool_flag(ktl, "-sdas", "--sd_attention_slicing", False, "Stable Diffusion: attention slicing (less GPU memory)")
+    _bool_flag(ktl, "-sdvt", "--sd_vae_tiling", False, "Stable Diffusion: tiled VAE decoding (less GPU memory)")
     ktl.add_argument("--image_every", type=int, default=1,
                      help="save the generated image grid every this many rounds (0: never)")
+    ablation = p.add_argument_group("FedKTL ablations and the original code's behaviour (defaults: the paper)")
+    _bool_flag(ablation, "-etf", "--etf", True, "ETF classifier (0: a plain linear head with cross-entropy)")
+    ablation.add_argument("-margin", "--margin", type=float, default=0.5,
+                          help="angular margin m of the ETF loss (0: no margin)")
+    _bool_flag(ablation, "-ft", "--feature_transformer", True,
+               "train the feature transformer F (0: a fixed random linear map)")
+    _bool_flag(ablation, "-mmd", "--mmd", True, "the MMD term of domain alignment")
+    _bool_flag(ablation, "-cr", "--centroid_reset", True,
+               "reset the centroids to class means of F(P) before and after alignment (the original: no effect)")
+    _bool_flag(ablation, "-rp", "--reset_proj", False,
+               "re-initialize each client's proj from the server's copy every round (the original's behaviour)")
+    baselines_a = p.add_argument_group("baselines (FedDistill, FML, LG-FedAvg, FedGen)",
+                                       "FedDistill's weight is -lam (default 1); FedGen trains -se steps per round")
+    baselines_a.add_argument("-al", "--alpha", type=float, default=0.5,
+                             help="FML: private model's loss = alpha * CE + (1 - alpha) * KL (the FML paper)")
+    baselines_a.add_argument("-bt", "--beta", type=float, default=0.5,
+                             help="FML: shared model's loss = beta * CE + (1 - beta) * KL (the FML paper)")
+    baselines_a.add_argument("--fml_model", default="cnn4",
+                             help="FML: registry name of the shared model, built at -fd")
+    baselines_a.add_argument("-nd", "--noise_dim", type=int, default=512, help="FedGen: generator noise size")
+    baselines_a.add_argument("-hd", "--hidden_dim", type=int, default=512, help="FedGen: generator hidden width")
+    baselines_a.add_argument("-glr", "--generator_learning_rate", type=float, default=0.005,
+                             help="FedGen: Adam learning rate of the server's generator")
+    baselines_b = p.add_argument_group(
+        "baselines (FedProto, FedKD, FedGH, FedTGP)",
+        "-lam defaults to 10 for FedProto and FedTGP; -slr to 0.01 for FedGH and to -lr for FedTGP; FedGH and "
+        "FedTGP train on the server for -se epochs in batches of -lbs (the reference library's choices)")
+    baselines_b.add_argument("-mlr", "--mentee_learning_rate", type=float, default=0.01,
+                             help="FedKD: learning rate of the shared mentee (the reference library)")
+    baselines_b.add_argument("-Ts", "--T_start", type=float, default=0.95,
+                             help="FedKD: SVD energy kept in the first round (the reference library)")
+    baselines_b.add_argument("-Te", "--T_end", type=float, default=0.98,
+                             help="FedKD: SVD energy kept at the end (the reference library)")
+    baselines_b.add_argument("--mentee_model", default="cnn4",
+                             help="FedKD: registry name of the shared mentee, built at -fd")
+    baselines_b.add_argument("-mart", "--margin_threshold", type=float, default=100.0,
+                             help="FedTGP: upper bound of the adaptive margin (the reference library)")
     return p
 
 
@@ -115,11 +168,13 @@ def validate(args):
         (args.feature_dim >= 1, f"-fd must be >= 1, got {args.feature_dim}"),
         (args.times >= 1, f"-t must be >= 1, got {args.times}"),
         (0 <= args.prev < args.times, f"-pv must be in [0, -t), got {args.prev}"),
+        (args.shots >= 0, f"--shots must be >= 0, got {args.shots}"),
         (args.num_threads >= 0, f"--num_threads must be >= 0, got {args.num_threads}"),
         (args.top_cnt >= 1, f"-tc must be >= 1, got {args.top_cnt}"),
         (args.server_batch_size >= 2, f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
         (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),
         (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
+        (args.margin >= 0, f"--margin must be >= 0, got {args.margin}"),
         (args.image_every >= 0, f"--image_every must be >= 0, got {args.image_every}"),
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),
     ]

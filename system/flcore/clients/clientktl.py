@@ -7,7 +7,6 @@ from torch import nn
 from flcore.clients.clientbase import Client
 from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
 
-MARGIN = 0.5
 SCALE = 64.0
 
 
@@ -16,7 +15,9 @@ class ClientKTL(Client):
 
     def __init__(self, args, client_id, model, data, seed, device, train_slow, etf, latent_dim, mu):
         super().__init__(args, client_id, model, data, seed, device, train_slow)
-        self.etf = etf.to(device)
+        # etf None: the ablation with a plain linear head trained with cross-entropy.
+        self.etf = etf.to(device) if etf is not None else None
+        self.margin = args.margin
         self.mu = mu
         # proj is trained with the model; its weights come from the server with the first pairs.
         self.proj = nn.Linear(args.feature_dim, latent_dim).to(device)
@@ -44,15 +45,20 @@ class ClientKTL(Client):
         index = index.to(self.device)
         return self.pair_images[index], self.pair_latents[index]
 
+    def classification_loss(self, x, y):
+        if self.etf is None:
+            return F.cross_entropy(self.model(x), y)
+        return arc_margin_loss(etf_cosines(self.model(x), self.etf), y, SCALE, self.margin)
+
     def training_loss(self, x, y):
-        loss = arc_margin_loss(etf_cosines(self.model(x), self.etf), y, SCALE, MARGIN)
+        loss = self.classification_loss(x, y)
         if self.pair_latents is not None and self.mu > 0:
             images, latents = self.next_pairs()
             loss = loss + self.mu * knowledge_transfer_loss(self.proj(self.model.base(images)), latents)
         return loss
 
     def scores(self, x):
-        return etf_cosines(self.model(x), self.etf)
+        return self.model(x) if self.etf is None else etf_cosines(self.model(x), self.etf)
 
     @torch.no_grad()
     def prototypes(self):

@@ -60,7 +60,6 @@ class Server:
         torch.manual_seed(self.seed)
         self.history = History()
         self.round = 0
-        self.finished = False
         self.upload_floats = 0
         self.download_floats = 0
         self.round_metrics = {}
@@ -134,28 +133,27 @@ class Server:
         """What the server does with the uploads of one round; `Local` has nothing to do."""
 
     def train(self):
-        """Run the remaining rounds; returns the history. Round r evaluates (every -eg rounds and at the end)
-        before training, so round 0 measures the untrained models and the last evaluation follows the last round."""
+        """Run the remaining rounds; returns the history. As in the reference library, round r selects clients
+        and sends them the server's knowledge, then evaluates (every -eg rounds) before training, so round 0
+        measures the untrained models; one more evaluation follows the last round. The checkpoint after round r
+        is the state before round r + 1, so a resumed run, or one extended with a larger -gr, continues exactly
+        as an uninterrupted one."""
         rounds = tqdm(range(self.round, self.args.global_rounds + 1), desc=f"run {self.run}", unit="round",
-                      initial=self.round, total=self.args.global_rounds + 1, disable=self.finished)
+                      initial=self.round, total=self.args.global_rounds + 1)
         for r in rounds:
-            if self.finished:
-                break
             self.round = r
             timer = PhaseTimer(self.phases, self.device)
             start = time.perf_counter()
+            self.upload_floats = self.download_floats = 0
+            self.round_metrics = {}
+            selected = self.select_clients()
+            self.send(selected)
             last = r == self.args.global_rounds
             if r % self.args.eval_gap == 0 or last:
                 with timer("eval"):
                     self.evaluate()
                 if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
-                    self.finished = True
-                    self.save_checkpoint()
                     break
-            self.upload_floats = self.download_floats = 0
-            self.round_metrics = {}
-            selected = self.select_clients()
-            self.send(selected)
             train_seconds = {}
             with timer("train"):
                 for client in tqdm(selected, desc="clients", unit="client", leave=False):
@@ -193,7 +191,6 @@ class Server:
         return {
             "fingerprint": self.fingerprint(),
             "round": self.round,
-            "finished": self.finished,
             "history": self.history.state_dict(),
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
@@ -209,7 +206,6 @@ class Server:
             raise UserError(f"the checkpoint was made with other values of {', '.join(changed)}; "
                             f"rerun with the same flags or drop --resume")
         self.round = state["round"]
-        self.finished = state["finished"]
         self.history.load_state_dict(state["history"])
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])

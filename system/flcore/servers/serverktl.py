@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flcore.clients.clientktl import ClientKTL
 from flcore.errors import UserError
-from flcore.ktl_ops import FeatureTransformer, align_domains, simplex_etf
+from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, simplex_etf
 from flcore.results import run_name
 from flcore.servers.serverbase import Server
 from flcore.visualize import save_image_grid
@@ -57,11 +57,12 @@ class ServerKTL(Server):
                           else defaults["slr"])
         self.torch_generator = torch.Generator().manual_seed(self.seed)
         self.etf = simplex_etf(self.num_classes, self.torch_generator)
-        self.transformer = FeatureTransformer(self.num_classes, latent_dim).to(self.device)
+        transformer_cls = FeatureTransformer if self.args.feature_transformer else FixedProjection
+        self.transformer = transformer_cls(self.num_classes, latent_dim).to(self.device)
         # Centroids start as valid latents, so a class no client has shown yet still renders in-distribution.
         self.centroids = nn.Parameter(self.sample_valid(self.num_classes))
-        self.align_optimizer = torch.optim.Adam(list(self.transformer.parameters()) + [self.centroids],
-                                                lr=self.server_lr)
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad] + [self.centroids]
+        self.align_optimizer = torch.optim.Adam(trainable, lr=self.server_lr)
         self.proj = nn.Linear(self.args.feature_dim, latent_dim)
         self.pair_images = None
         self.pair_latents = None
@@ -73,7 +74,8 @@ class ServerKTL(Server):
 
     def make_client(self, client_id, model, data, seed, train_slow):
         return ClientKTL(self.args, client_id, model, data, seed, self.device, train_slow,
-                         etf=self.etf, latent_dim=self.image_generator.latent_dim, mu=self.mu)
+                         etf=self.etf if self.args.etf else None, latent_dim=self.image_generator.latent_dim,
+                         mu=self.mu)
 
     def send(self, selected):
         if self.pair_latents is None:
@@ -82,9 +84,9 @@ class ServerKTL(Server):
         proj_state = {k: v.clone() for k, v in self.proj.state_dict().items()}
         proj_floats = sum(v.numel() for v in proj_state.values())
         for client in selected:
-            first = not client.has_proj
-            client.receive(self.pair_images, self.pair_latents, proj_state if first else None)
-            self.download_floats += pair_floats + (proj_floats if first else 0)
+            send_proj = self.args.reset_proj or not client.has_proj
+            client.receive(self.pair_images, self.pair_latents, proj_state if send_proj else None)
+            self.download_floats += pair_floats + (proj_floats if send_proj else 0)
 
     def server_round(self, arrived, timer):
         with timer("prototypes"):
@@ -100,7 +102,8 @@ class ServerKTL(Server):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
                                   labels.to(self.device), self.sample_valid, self.align_optimizer,
                                   self.args.server_epochs, self.args.server_batch_size, self.lam,
-                                  self.torch_generator, ALIGN_GRAD_CLIP)
+                                  self.torch_generator, ALIGN_GRAD_CLIP, use_mmd=self.args.mmd,
+                                  reset_centroids=self.args.centroid_reset)
         self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"]}
         tqdm.write(f"round {self.round}: alignment MMD {stats['mmd']:.4f} | centroid MSE {stats['centroid']:.4f}")
         with timer("generate"):

@@ -1,5 +1,5 @@
 """Heterogeneous model families of the FedKTL paper: client i gets family[i % len(family)]."""
-from .registry import BaseHeadSplit, build_model
+from .registry import BaseHeadSplit, build_model, list_models
 
 _HTFE8 = ["cnn4", "googlenet", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -16,10 +16,14 @@ FAMILIES: dict[str, list[str]] = {
 
 
 def family_models(name: str) -> list[str]:
-    """The model names of family `name`, in client order."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model family '{name}'; choose from: {', '.join(FAMILIES)}")
-    return list(FAMILIES[name])
+    """The model names of family `name`, in client order; a registered model's name is a family of one
+    (every client gets that model, e.g. the 4-layer CNN of the paper's cloud-edge experiment)."""
+    if name in FAMILIES:
+        return list(FAMILIES[name])
+    if name in list_models():
+        return [name]
+    raise ValueError(f"unknown model family '{name}'; choose a family ({', '.join(FAMILIES)}) "
+                     f"or one model ({', '.join(list_models())})")
 
 
 def build_family_model(family: str, client_index: int, num_classes: int, feature_dim: int = 512,

@@ -1,0 +1,1 @@
+"""Diffusers pipelines used as FedKTL's server-side generator."""

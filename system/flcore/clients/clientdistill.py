@@ -1,0 +1,51 @@
+"""FedDistill client: cross-entropy plus lambda * MSE between each sample's logits and the global average
+logits of its label; after training it uploads its own per-class average logits."""
+import torch
+import torch.nn.functional as F
+
+from flcore.clients.clientbase import Client
+
+
+def logit_distillation_loss(logits, labels, teacher, known):
+    """Mean squared error between logits [B, K] and the teacher rows [K, K] of their labels, over all B*K
+    entries; samples whose label has no teacher row contribute zero (the reference library's convention)."""
+    has_teacher = known[labels].unsqueeze(1).to(logits.dtype)
+    return ((logits - teacher[labels]) * has_teacher).pow(2).sum() / logits.numel()
+
+
+class ClientDistill(Client):
+    def __init__(self, args, client_id, model, data, seed, device, train_slow, lam):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        self.lam = lam
+        self.teacher = None
+        self.teacher_known = None
+        self.logit_sums = torch.zeros(self.num_classes, self.num_classes, device=device)
+        self.logit_counts = torch.zeros(self.num_classes, device=device)
+
+    def receive_logits(self, logits, classes):
+        """The server's average logits [C, K] of the classes it has seen."""
+        classes = classes.to(self.device)
+        self.teacher = torch.zeros(self.num_classes, self.num_classes, device=self.device)
+        self.teacher[classes] = logits.to(self.device)
+        self.teacher_known = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        self.teacher_known[classes] = True
+
+    def train(self):
+        self.logit_sums.zero_()
+        self.logit_counts.zero_()
+        super().train()
+
+    def training_loss(self, x, y):
+        logits = self.model(x)
+        # The uploaded class logits are the averages of the training outputs of this round, as in the reference.
+        self.logit_sums.index_add_(0, y, logits.detach().float())
+        self.logit_counts += torch.bincount(y, minlength=self.num_classes)
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is not None and self.lam > 0:
+            loss = loss + self.lam * logit_distillation_loss(logits, y, self.teacher, self.teacher_known)
+        return loss
+
+    def class_logits(self):
+        """(average logits [C_i, K], classes [C_i]) over the classes this client trained on this round."""
+        classes = torch.nonzero(self.logit_counts > 0).squeeze(1)
+        return self.logit_sums[classes] / self.logit_counts[classes].unsqueeze(1), classes

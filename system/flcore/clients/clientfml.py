@@ -1,0 +1,63 @@
+"""FML client: deep mutual learning between the private model and the shared ("meme") model on local data."""
+import torch
+import torch.nn.functional as F
+
+from flcore.clients.clientbase import Client
+from flcore.clients.clientlg import load_parameters
+
+# The reference library clips each model's gradient norm to 10 to keep mutual learning from diverging.
+GRAD_CLIP = 10.0
+
+
+def kl_to(student_logits, teacher_logits):
+    """KL(teacher || student) per sample, averaged over the batch; the teacher is a fixed target."""
+    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits.detach(), 1),
+                    reduction="batchmean", log_target=True)
+
+
+def mutual_loss(local_logits, meme_logits, labels, alpha, beta):
+    """FML's two objectives, summed (each reaches only its own model because the KL targets are detached):
+    alpha * CE + (1 - alpha) * KL(meme || local) for the private model,
+    beta * CE + (1 - beta) * KL(local || meme) for the meme model."""
+    local = alpha * F.cross_entropy(local_logits, labels)
+    meme = beta * F.cross_entropy(meme_logits, labels)
+    if alpha < 1:
+        local = local + (1 - alpha) * kl_to(local_logits, meme_logits)
+    if beta < 1:
+        meme = meme + (1 - beta) * kl_to(meme_logits, local_logits)
+    return local + meme
+
+
+class ClientFML(Client):
+    def __init__(self, args, client_id, model, data, seed, device, train_slow, meme, alpha, beta):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        self.meme = meme.to(device)
+        self.alpha = alpha
+        self.beta = beta
+        self.optimizer.add_param_group({"params": list(self.meme.parameters())})
+
+    def receive_meme(self, parameters):
+        load_parameters(self.meme, parameters)
+
+    def train(self):
+        self.meme.train()
+        super().train()
+
+    def training_loss(self, x, y):
+        return mutual_loss(self.model(x), self.meme(x), y, self.alpha, self.beta)
+
+    def optimizer_step(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for module in (self.model, self.meme):
+            torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["meme"] = self.meme.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.meme.load_state_dict(state["meme"])

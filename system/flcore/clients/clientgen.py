@@ -1,0 +1,52 @@
+"""FedGen client: an LG-FedAvg client whose head also learns from features that the server's conditional
+generator makes for labels drawn from the global label distribution."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flcore.clients.clientlg import ClientLG
+
+
+class FeatureGenerator(nn.Module):
+    """FedGen's conditional generator: (Gaussian noise, one-hot label) -> a feature vector for the heads."""
+
+    def __init__(self, noise_dim, num_classes, hidden_dim, feature_dim):
+        super().__init__()
+        self.noise_dim = noise_dim
+        self.num_classes = num_classes
+        self.hidden = nn.Sequential(nn.Linear(noise_dim + num_classes, hidden_dim), nn.BatchNorm1d(hidden_dim),
+                                    nn.ReLU())
+        self.out = nn.Linear(hidden_dim, feature_dim)
+
+    def forward(self, noise, labels):
+        one_hot = F.one_hot(labels, self.num_classes).to(noise.dtype)
+        return self.out(self.hidden(torch.cat([noise, one_hot], 1)))
+
+    def sample(self, labels, generator):
+        """Features for `labels`, with noise drawn on the CPU from `generator` (reproducible on any device)."""
+        noise = torch.randn(len(labels), self.noise_dim, generator=generator).to(labels.device)
+        return self(noise, labels)
+
+
+class ClientFedGen(ClientLG):
+    def __init__(self, args, client_id, model, data, seed, device, train_slow, noise_dim, hidden_dim):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        self.label_counts = torch.bincount(self.train_y, minlength=self.num_classes).float()
+        self.feature_generator = FeatureGenerator(noise_dim, self.num_classes, hidden_dim,
+                                                  args.feature_dim).to(device).eval()
+        self.label_prior = None
+
+    def receive_generator(self, state, label_prior):
+        """The server's generator (parameters and BatchNorm statistics) and label distribution [K]."""
+        self.feature_generator.load_state_dict(state)
+        self.label_prior = label_prior.cpu()
+
+    def training_loss(self, x, y):
+        loss = F.cross_entropy(self.model(x), y)
+        if self.label_prior is None:
+            return loss
+        labels = torch.multinomial(self.label_prior, self.batch_size, replacement=True, generator=self.generator)
+        (labels,) = self.to_device(labels)
+        with torch.no_grad():
+            features = self.feature_generator.sample(labels, self.generator)
+        return loss + F.cross_entropy(self.model.head(features), labels)

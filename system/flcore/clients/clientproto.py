@@ -1,0 +1,90 @@
+"""FedProto client (Tan et al., AAAI 2022): cross-entropy plus a pull of each feature towards its class's global
+prototype; predicts by the nearest global prototype. Also the shared part of every client that uploads
+per-class mean features (FedGH, FedTGP)."""
+import torch
+import torch.nn.functional as F
+
+from flcore.clients.clientbase import EVAL_BATCH, Client
+
+
+class PrototypeClient(Client):
+    """A client that uploads per-class mean features and holds the server's global knowledge of some version."""
+
+    def __init__(self, args, client_id, model, data, seed, device, train_slow=False):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        # Version of the server's global knowledge this client holds (0: none yet); set by the server.
+        self.knowledge_version = 0
+
+    @torch.no_grad()
+    def class_means(self):
+        """(means [C_i, D], classes [C_i], counts [C_i]): per local class, the mean base output over the
+        training data, in eval mode, and the number of samples behind it."""
+        self.model.eval()
+        sums = torch.zeros(self.num_classes, self.model.feature_dim, device=self.device)
+        counts = torch.zeros(self.num_classes, device=self.device)
+        for start in range(0, self.num_train, EVAL_BATCH):
+            x, y = self.to_device(self.train_x[start:start + EVAL_BATCH], self.train_y[start:start + EVAL_BATCH])
+            sums.index_add_(0, y, self.model.base(x).float())
+            counts += torch.bincount(y, minlength=self.num_classes).float()
+        classes = torch.nonzero(counts).squeeze(1)
+        return sums[classes] / counts[classes, None], classes, counts[classes]
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["knowledge_version"] = self.knowledge_version
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.knowledge_version = state["knowledge_version"]
+
+
+def prototype_pull(features, labels, prototypes, present):
+    """MSE between each feature and the global prototype of its label, over all B x D entries; samples whose
+    class has no global prototype contribute zero."""
+    has = present[labels, None]
+    target = torch.where(has, prototypes[labels], features.detach())
+    return F.mse_loss(features, target)
+
+
+def nearest_prototype_scores(features, prototypes, present):
+    """Negative Euclidean distance to each global prototype; classes without one score lowest (finite, so AUC
+    stays defined)."""
+    scores = -torch.cdist(features.float(), prototypes.float())
+    return scores.masked_fill(~present, torch.finfo(scores.dtype).min)
+
+
+class ClientFedProto(PrototypeClient):
+    def __init__(self, args, client_id, model, data, seed, device, train_slow, lamda):
+        super().__init__(args, client_id, model, data, seed, device, train_slow)
+        self.lamda = lamda
+        self.global_prototypes = None
+        self.present = None
+
+    def receive(self, prototypes, present):
+        """Global prototypes [K, D] and which classes have one [K] (bool)."""
+        self.global_prototypes = prototypes.to(self.device)
+        self.present = present.to(self.device)
+
+    def training_loss(self, x, y):
+        features = self.model.base(x)
+        loss = F.cross_entropy(self.model.head(features), y)
+        if self.global_prototypes is not None:
+            loss = loss + self.lamda * prototype_pull(features, y, self.global_prototypes, self.present)
+        return loss
+
+    def scores(self, x):
+        """Nearest global prototype, as the paper infers; the head until the first global prototypes arrive."""
+        if self.global_prototypes is None:
+            return self.model(x)
+        return nearest_prototype_scores(self.model.base(x), self.global_prototypes, self.present)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.update(global_prototypes=self.global_prototypes, present=self.present)
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if state["global_prototypes"] is not None:
+            self.receive(state["global_prototypes"], state["present"])

@@ -1,0 +1,100 @@
+"""FedGen (Zhu et al. ICML 2021) for heterogeneous feature extractors, as the reference library runs it: clients
+share their heads (averaged as in LG-FedAvg) and their label counts; the server trains a conditional generator
+(noise, label) -> feature so that the ensemble of the uploaded heads (logits weighted by training samples, as the
+reference library does) classifies the generated features as their labels; clients add cross-entropy of their
+head on generated features, with labels drawn from the label distribution of the uploaded label counts.
+
+Per round: upload = (head floats + K label counts) per arrived client; download = (head floats + generator
+parameters and BatchNorm statistics + K label probabilities) per selected client, from the round after the
+first server update on."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm import tqdm
+
+from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
+from flcore.clients.clientlg import float_count
+from flcore.errors import UserError
+from flcore.servers.serverlg import ServerLG
+
+
+class ServerFedGen(ServerLG):
+    phases = ("eval", "train", "generator")
+
+    def prepare(self):
+        super().prepare()
+        args = self.args
+        for flag, ok in (("-nd", args.noise_dim >= 1), ("-hd", args.hidden_dim >= 1),
+                         ("-glr", args.generator_learning_rate > 0)):
+            if not ok:
+                raise UserError(f"{flag} must be positive for FedGen")
+        self.feature_generator = FeatureGenerator(args.noise_dim, self.num_classes, args.hidden_dim,
+                                                  args.feature_dim).to(self.device)
+        self.generator_optimizer = torch.optim.Adam(self.feature_generator.parameters(),
+                                                    lr=args.generator_learning_rate)
+        self.torch_generator = torch.Generator().manual_seed(self.seed)
+        self.label_prior = None
+        tqdm.write(f"FedGen: noise dim {args.noise_dim}, hidden dim {args.hidden_dim}, generator lr "
+                   f"{args.generator_learning_rate}, {args.server_epochs} generator steps per round")
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        self.check_head(client_id, model)
+        return ClientFedGen(self.args, client_id, model, data, seed, self.device, train_slow,
+                            noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim)
+
+    def send(self, selected):
+        super().send(selected)
+        if self.label_prior is None:
+            return
+        state = {k: v.clone() for k, v in self.feature_generator.state_dict().items()}
+        for client in selected:
+            client.receive_generator(state, self.label_prior)
+            self.download_floats += float_count(state) + self.label_prior.numel()
+
+    def server_round(self, arrived, timer):
+        heads = self.receive_heads(arrived)
+        self.upload_floats += self.num_classes * len(arrived)
+        if not arrived:
+            self.round_metrics = {"generator_loss": math.nan}
+            return
+        counts = torch.stack([client.label_counts for client in arrived]).sum(0)
+        self.label_prior = counts / counts.sum()
+        with timer("generator"):
+            loss = self.train_generator([client.model.head for client in arrived], heads,
+                                        [client.num_train for client in arrived])
+        self.round_metrics = {"generator_loss": loss}
+
+    def train_generator(self, head_modules, heads, samples):
+        """-se Adam steps on batches of labels drawn from the label distribution; returns the mean loss."""
+        weights = [n / sum(samples) for n in samples]
+        batch = max(2, self.args.batch_size)  # BatchNorm needs two samples
+        self.feature_generator.train()
+        total = 0.0
+        for _ in range(self.args.server_epochs):
+            labels = torch.multinomial(self.label_prior, batch, replacement=True, generator=self.torch_generator)
+            labels = labels.to(self.device)
+            features = self.feature_generator.sample(labels, self.torch_generator)
+            logits = sum(w * functional_call(module, head, (features,))
+                         for w, module, head in zip(weights, head_modules, heads))
+            loss = F.cross_entropy(logits, labels)
+            self.generator_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.generator_optimizer.step()
+            total += loss.item()
+        self.feature_generator.eval()
+        return total / self.args.server_epochs
+
+    def extra_state(self):
+        state = super().extra_state()
+        state.update(generator=self.feature_generator.state_dict(), optimizer=self.generator_optimizer.state_dict(),
+                     torch_generator=self.torch_generator.get_state(), label_prior=self.label_prior)
+        return state
+
+    def load_extra_state(self, state):
+        super().load_extra_state(state)
+        self.feature_generator.load_state_dict(state["generator"])
+        self.generator_optimizer.load_state_dict(state["optimizer"])
+        self.torch_generator.set_state(state["torch_generator"])
+        self.label_prior = state["label_prior"]

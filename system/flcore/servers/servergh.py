@@ -1,0 +1,52 @@
+"""FedGH (Yi et al., ACM MM 2023): the server trains one global head, Linear(feature_dim, K), with cross-entropy
+on the clients' per-class mean features and sends it back; clients replace their heads by it."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from flcore.clients.clientgh import ClientFedGH
+from flcore.errors import UserError
+from flcore.servers.serverproto import PrototypeServer, resolve_server_lr, train_on_rows
+
+# -slr's default for FedGH: the reference library's server_learning_rate default (HtFLlib system/main.py).
+FEDGH_SERVER_LR = 0.01
+
+
+class ServerFedGH(PrototypeServer):
+    metric_names = ("server_loss",)
+
+    def prepare(self):
+        super().prepare()
+        self.server_lr = resolve_server_lr(self.args, FEDGH_SERVER_LR)
+        self.head = nn.Linear(self.args.feature_dim, self.num_classes).to(self.device)
+        self.shuffle_generator = torch.Generator().manual_seed(self.seed)
+        tqdm.write(f"FedGH: server lr {self.server_lr}, server epochs {self.args.server_epochs}")
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        shapes = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in model.head.state_dict().items()} != shapes:
+            raise UserError(f"FedGH shares one Linear({self.args.feature_dim}, {self.num_classes}) head, but "
+                            f"model {model.model_name} has another head; use a family with linear heads only")
+        return ClientFedGH(self.args, client_id, model, data, seed, self.device, train_slow)
+
+    def aggregate(self, means, classes, counts):
+        def loss(index):
+            return F.cross_entropy(self.head(means[index]), classes[index])
+
+        self.round_metrics = {"server_loss": train_on_rows(loss, self.head.parameters(), len(classes), self.args,
+                                                           self.server_lr, self.shuffle_generator)}
+
+    def payload(self):
+        state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        return (state,), sum(v.numel() for v in state.values())
+
+    def extra_state(self):
+        state = super().extra_state()
+        state.update(head=self.head.state_dict(), shuffle_generator=self.shuffle_generator.get_state())
+        return state
+
+    def load_extra_state(self, state):
+        super().load_extra_state(state)
+        self.head.load_state_dict(state["head"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])

@@ -1,0 +1,85 @@
+"""FedKD (Wu et al., Nature Communications 2022): the server keeps the shared mentee. Clients upload their mentee
+updates as truncated SVD factors; the server averages them, compresses the average the same way, applies it and
+sends it back. The kept energy grows over rounds from T_start to T_end, as the paper schedules it."""
+import torch
+from tqdm import tqdm
+
+from flcore.clients.clientkd import ClientFedKD, packed_floats, shared_state, svd_compress, svd_decompress
+from flcore.errors import UserError
+from flcore.servers.serverbase import Server
+from flcore.trainmodel import build_model
+
+
+class ServerFedKD(Server):
+    phases = ("eval", "train", "aggregate")
+
+    def prepare(self):
+        args = self.args
+        if not 0 < args.T_start <= args.T_end <= 1:
+            raise UserError(f"FedKD needs 0 < -Ts <= -Te <= 1, got -Ts {args.T_start} -Te {args.T_end}")
+        if args.mentee_learning_rate <= 0:
+            raise UserError(f"-mlr must be > 0, got {args.mentee_learning_rate}")
+        channels, height, _ = self.dataset.image_shape
+        try:
+            self.mentee = build_model(args.mentee_model, self.num_classes, args.feature_dim, channels, height)
+        except ValueError as exc:
+            raise UserError(f"--mentee_model: {exc}") from None
+        self.mentee.to(self.device)
+        # Version of the global mentee: clients one version behind get the last update, others the whole mentee.
+        self.version = 0
+        self.last_update = None
+        tqdm.write(f"FedKD: mentee {args.mentee_model}, mentee lr {args.mentee_learning_rate}, "
+                   f"energy {args.T_start} -> {args.T_end}")
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        return ClientFedKD(self.args, client_id, model, data, seed, self.device, train_slow, mentee=self.mentee)
+
+    def energy(self):
+        """T_start + (T_end - T_start) * round / global_rounds."""
+        progress = self.round / max(self.args.global_rounds, 1)
+        return self.args.T_start + (self.args.T_end - self.args.T_start) * progress
+
+    def send(self, selected):
+        for client in selected:
+            if client.synced_version == self.version:
+                continue
+            if client.synced_version == self.version - 1 and self.last_update is not None:
+                self.send_update(client)
+            else:
+                state = shared_state(self.mentee)
+                client.receive_full(state, self.version)
+                self.download_floats += sum(t.numel() for t in state.values())
+
+    def server_round(self, arrived, timer):
+        energy = self.energy()
+        self.round_metrics = {"svd_energy": energy}
+        uploads = [client.upload(energy) for client in arrived]
+        self.upload_floats += sum(packed_floats(update) for update in uploads)
+        if not uploads:
+            tqdm.write(f"round {self.round}: no uploads arrived; keeping the mentee")
+            return
+        with timer("aggregate"):
+            state = shared_state(self.mentee)
+            average = {name: torch.stack([svd_decompress(u[name], t.shape).to(self.device) for u in uploads]).mean(0)
+                       for name, t in state.items()}
+            self.last_update = {name: svd_compress(delta, energy) for name, delta in average.items()}
+            with torch.no_grad():
+                for name, t in state.items():
+                    t.add_(svd_decompress(self.last_update[name], t.shape))
+        self.version += 1
+        for client in arrived:
+            self.send_update(client)
+
+    def send_update(self, client):
+        client.receive_update(self.last_update, self.version)
+        self.download_floats += packed_floats(self.last_update)
+
+    def extra_state(self):
+        return {"mentee": self.mentee.state_dict(), "version": self.version, "last_update": self.last_update}
+
+    def load_extra_state(self, state):
+        self.mentee.load_state_dict(state["mentee"])
+        self.version = state["version"]
+        update = state["last_update"]
+        self.last_update = None if update is None else {
+            name: {part: t.to(self.device) for part, t in packed.items()} for name, packed in update.items()}

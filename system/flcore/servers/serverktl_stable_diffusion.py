@@ -1,0 +1,116 @@
+"""FedKTL with Stable Diffusion (the paper's Table 8): the latent space is the sampler's initial noise latent
+(C x H/8 x W/8, flattened), valid latents are standard normal noise scaled by the scheduler's init_noise_sigma,
+and a latent is rendered by running the sampler from it with a fixed prompt (stable-diffusion/README.md)."""
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+from flcore.errors import UserError
+from flcore.options import REPO_ROOT
+from flcore.servers.serverktl import ServerKTL
+
+STABLE_DIFFUSION_DIR = os.path.join(REPO_ROOT, "stable-diffusion")
+if STABLE_DIFFUSION_DIR not in sys.path:
+    sys.path.insert(0, STABLE_DIFFUSION_DIR)
+
+WEIGHTS_README = "stable-diffusion/v1.5/README.md"
+CUDA_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# The loaded pipeline, keyed by how it was loaded: the runs of one process (-t) share it instead of re-loading.
+_loaded_pipeline = {}
+
+
+def pipeline_module():
+    """Imported on first use, so a missing diffusers install is a one-line error, not a traceback."""
+    try:
+        from pipelines import pipeline
+    except ImportError as exc:
+        raise UserError(f"-algo FedKTL-stable-diffusion needs diffusers and transformers ({exc}); "
+                        f"run pip install -r requirements.txt") from None
+    return pipeline
+
+
+def pipeline_dtype(name, device):
+    if device.type != "cuda":
+        if name not in ("auto", "float32"):
+            tqdm.write(f"FedKTL: --sd_dtype {name} is for CUDA; the CPU uses float32")
+        return torch.float32
+    return CUDA_DTYPES[name]
+
+
+def load_pipeline(args, device):
+    """The LatentsToImagePipeline of -GPath on `device`, loaded once per process for the same settings."""
+    folder = args.generator_path
+    dtype = pipeline_dtype(args.sd_dtype, device)
+    key = (os.path.realpath(folder), str(device), dtype, args.sd_attention_slicing, args.sd_vae_tiling)
+    if key in _loaded_pipeline:
+        return _loaded_pipeline[key]
+    _loaded_pipeline.clear()
+    module = pipeline_module()
+    try:
+        pipeline = module.LatentsToImagePipeline.from_folder(folder, dtype)
+    except module.PipelineFolderError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:  # diffusers and transformers raise many kinds for broken configs or weights
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the Stable Diffusion pipeline in {folder}: {reason} "
+                        f"(see {WEIGHTS_README})") from None
+    pipeline.to(device)
+    if args.sd_attention_slicing:
+        pipeline.enable_attention_slicing()
+    if args.sd_vae_tiling:
+        pipeline.vae.enable_tiling()
+    _loaded_pipeline[key] = pipeline
+    return pipeline
+
+
+class StableDiffusionLatents:
+    """Initial-noise-latent adapter. It holds the pipeline and the prompt embeddings, encoded once; nothing in it
+    changes between rounds, so the server's checkpoints need none of it."""
+    defaults = {"lam": 0.01, "mu": 100.0, "slr": 0.1}
+
+    def __init__(self, pipeline, latent_shape, prompt, negative_prompt, steps, guidance_scale):
+        self.pipeline = pipeline
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.latent_shape = latent_shape
+        self.latent_dim = math.prod(self.latent_shape)
+        self.noise_sigma = pipeline.initial_noise_sigma(steps)
+        self.embeddings = pipeline.embed_prompt(prompt, negative_prompt, guided=guidance_scale > 1)
+
+    def sample_valid(self, n, generator):
+        """Drawn on the CPU (the generator's device), so a seed gives the same latents on any device."""
+        return (torch.randn(n, self.latent_dim, generator=generator) * self.noise_sigma).to(self.pipeline.device)
+
+    def render(self, latents):
+        images = self.pipeline.sample_from_latents(latents.reshape(-1, *self.latent_shape), self.embeddings,
+                                                   self.steps, self.guidance_scale)
+        # Copied outside inference mode: inference tensors cannot be saved for the clients' backward passes.
+        return images.to(torch.float32, copy=True)
+
+
+class ServerKTLStableDiffusion(ServerKTL):
+    def build_generator(self):
+        args = self.args
+        if not args.generator_path:
+            raise UserError(f"-algo FedKTL-stable-diffusion needs -GPath <diffusers Stable Diffusion folder>, "
+                            f"e.g. -GPath stable-diffusion/v1.5 (see {WEIGHTS_README} to get the weights)")
+        if args.sd_steps < 1:
+            raise UserError(f"--sd_steps must be >= 1, got {args.sd_steps}")
+        if args.sd_resolution < 0:
+            raise UserError(f"--sd_resolution must be >= 0 (0: the model's own), got {args.sd_resolution}")
+        pipeline = load_pipeline(args, self.device)
+        resolution = args.sd_resolution or pipeline.default_resolution
+        try:
+            latent_shape = pipeline.latent_shape(resolution)
+        except ValueError as exc:
+            raise UserError(f"--sd_resolution: {exc}") from None
+        adapter = StableDiffusionLatents(pipeline, latent_shape, args.stable_diffusion_prompt,
+                                         args.sd_negative_prompt, args.sd_steps, args.sd_guidance)
+        tqdm.write(f"FedKTL: Stable Diffusion from {args.generator_path} ({pipeline.dtype}), "
+                   f"{resolution}x{resolution} images, latent {latent_shape} (init sigma {adapter.noise_sigma:.3f}), "
+                   f"{args.sd_steps} steps, guidance {args.sd_guidance}, prompt {args.stable_diffusion_prompt!r}")
+        return adapter

@@ -1,0 +1,55 @@
+"""LG-FedAvg (Liang et al. 2020) for heterogeneous feature extractors: each client keeps its feature extractor;
+the heads, which have the same shape everywhere, are averaged on the server weighted by training samples
+(as the reference library does) and sent back.
+
+Per round: upload = (head floats) per arrived client; download = (head floats) per selected client, from the
+round after the first aggregation on."""
+from flcore.clients.clientlg import ClientLG, float_count, parameters_of, weighted_average
+from flcore.errors import UserError
+from flcore.servers.serverbase import Server
+
+
+def parameter_shapes(module):
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+class ServerLG(Server):
+    client_class = ClientLG
+
+    def prepare(self):
+        self.global_head = None
+
+    def check_head(self, client_id, model):
+        if self.clients and parameter_shapes(model.head) != parameter_shapes(self.clients[0].model.head):
+            raise UserError(f"{self.args.algorithm} averages the clients' heads, but client {client_id}'s "
+                            f"{model.model_name} head differs from client 0's {self.clients[0].model.model_name} "
+                            f"head; choose a model family whose heads match (one without ViTs, e.g. HtFE8)")
+
+    def make_client(self, client_id, model, data, seed, train_slow):
+        self.check_head(client_id, model)
+        return super().make_client(client_id, model, data, seed, train_slow)
+
+    def send(self, selected):
+        if self.global_head is None:
+            return
+        for client in selected:
+            client.receive_head(self.global_head)
+            self.download_floats += float_count(self.global_head)
+
+    def receive_heads(self, arrived):
+        """The arrived clients' heads; counts the upload and makes their average the new global head."""
+        heads = [parameters_of(client.model.head) for client in arrived]
+        self.upload_floats += sum(float_count(head) for head in heads)
+        if heads:
+            self.global_head = weighted_average(heads, [client.num_train for client in arrived])
+        return heads
+
+    def server_round(self, arrived, timer):
+        self.receive_heads(arrived)
+
+    def extra_state(self):
+        return {"global_head": self.global_head}
+
+    def load_extra_state(self, state):
+        head = state["global_head"]
+        self.global_head = None if head is None else {k: v.to(self.device) for k, v in head.items()}

@@ -1,0 +1,71 @@
+"""Markdown table of finished runs from their .h5 files: best accuracy (mean +- std over runs), upload and
+download floats per round (the paper's Table 5), and seconds per round.
+
+    python system/results_table.py --dataset Digits --goal small [--results_dir results] [--out table.md]
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+
+SYSTEM_DIR = os.path.dirname(os.path.abspath(__file__))
+if SYSTEM_DIR not in sys.path:
+    sys.path.insert(0, SYSTEM_DIR)
+
+import numpy as np  # noqa: E402
+
+from flcore.algorithms import ALGORITHMS  # noqa: E402
+from flcore.options import REPO_ROOT  # noqa: E402
+from flcore.results import read_h5  # noqa: E402
+
+
+def collect(results_dir, dataset, goal):
+    """{algorithm: [h5 contents per run]} for every run file of this dataset and goal."""
+    pattern = re.compile(rf"^{re.escape(dataset)}_(.+)_{re.escape(goal)}_(\d+)\.h5$")
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.h5"))):
+        match = pattern.match(os.path.basename(path))
+        if match:
+            runs.setdefault(match.group(1), []).append(read_h5(path))
+    return runs
+
+
+def table(runs):
+    order = [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
+    lines = ["| algorithm | best test accuracy (%) | runs | upload / round (M floats) | "
+             "download / round (M floats) | s / round |", "|---|---|---|---|---|---|"]
+    for name in order:
+        data = runs[name]
+        best = np.array([d["rs_test_acc"].max() for d in data]) * 100
+        upload = np.mean([d["upload_floats"].mean() for d in data if len(d["upload_floats"])]) / 1e6
+        download = np.mean([d["download_floats"].mean() for d in data if len(d["download_floats"])]) / 1e6
+        seconds = np.mean([d["round_time"].mean() for d in data if len(d["round_time"])])
+        lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} | {len(data)} | {upload:.4f} | "
+                     f"{download:.4f} | {seconds:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="Digits")
+    p.add_argument("--goal", default="test")
+    p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
+    p.add_argument("--out", default="", help="also write the table to this file")
+    args = p.parse_args(argv)
+    runs = collect(args.results_dir, args.dataset, args.goal)
+    if not runs:
+        print(f"error: no {args.dataset}_*_{args.goal}_<run>.h5 files in {args.results_dir}; "
+              f"run main.py with -data {args.dataset} -go {args.goal} first", file=sys.stderr)
+        return 2
+    text = table(runs)
+    print(text)
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

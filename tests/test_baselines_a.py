@@ -1,0 +1,265 @@
+"""FedDistill, FML, LG-FedAvg and FedGen: end-to-end runs, communication counts by hand, their losses, resume."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+from flcore.algorithms import server_class
+from flcore.data import load_federated_dataset
+from flcore.errors import UserError
+from flcore.options import parse_args
+from flcore.results import read_h5
+from flcore.servers.serverbase import PhaseTimer
+from flcore.trainmodel import build_model
+
+K, FEATURE_DIM, NOISE_DIM, HIDDEN_DIM = 10, 64, 32, 32
+# Few shots, one thread (much faster than two on a busy 2-core machine), a small generator: a few seconds a run.
+FAST = ["--shots", "20", "--num_threads", "1", "-se", "10", "-nd", str(NOISE_DIM), "-hd", str(HIDDEN_DIM)]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread here too (main.main sets it from --num_threads); other tests get their count back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_server(small_run, algorithm, *extra):
+    args = parse_args(small_run("-algo", algorithm, *FAST, *extra))
+    return server_class(algorithm)(args, load_federated_dataset(args), 0, torch.device("cpu"))
+
+
+def timer(server):
+    return PhaseTimer(server.phases, server.device)
+
+
+def results_of(argv, algorithm):
+    return read_h5(os.path.join(argv[argv.index("--results_dir") + 1], f"Digits_{algorithm}_test_0.h5"))
+
+
+def head_floats():
+    return K * FEATURE_DIM + K
+
+
+def generator_floats():
+    """Linear(noise + K -> hidden), BatchNorm (weight, bias, running mean and variance), Linear(hidden -> feature)."""
+    return (NOISE_DIM + K) * HIDDEN_DIM + HIDDEN_DIM + 4 * HIDDEN_DIM + HIDDEN_DIM * FEATURE_DIM + FEATURE_DIM
+
+
+def fml_model_floats():
+    return sum(p.numel() for p in build_model("cnn4", K, FEATURE_DIM, 3, 32).parameters())
+
+
+def expected_floats(algorithm, dataset):
+    """(upload per round, download per round) of a 2-round run where all 4 clients join and arrive."""
+    clients = len(dataset.clients)
+    if algorithm in ("FedDistill", "FD"):
+        local_classes = [len(torch.unique(c.train_y)) for c in dataset.clients]
+        all_classes = len(torch.unique(torch.cat([c.train_y for c in dataset.clients])))
+        return [sum(local_classes) * K] * 2, [0, clients * all_classes * K]
+    if algorithm == "FML":
+        return [clients * fml_model_floats()] * 2, [clients * fml_model_floats()] * 2
+    if algorithm in ("LG-FedAvg", "LG"):
+        return [clients * head_floats()] * 2, [0, clients * head_floats()]
+    assert algorithm == "FedGen"
+    return [clients * (head_floats() + K)] * 2, [0, clients * (head_floats() + generator_floats() + K)]
+
+
+@pytest.mark.parametrize("algorithm", ["FedDistill", "FD", "FML", "LG-FedAvg", "LG", "FedGen"])
+def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, algorithm):
+    argv = small_run("-algo", algorithm, "-gr", "2", *FAST)
+    assert main.main(argv) == 0
+    data = results_of(argv, algorithm)
+    assert data["rs_test_acc"].max() > 0.15, "should beat chance (0.1) on label-skewed Digits"
+    upload, download = expected_floats(algorithm, load_federated_dataset(parse_args(argv)))
+    np.testing.assert_array_equal(data["upload_floats"], upload)
+    np.testing.assert_array_equal(data["download_floats"], download)
+    if algorithm == "FedGen":
+        assert len(data["generator_loss"]) == 2 and np.all(np.isfinite(data["generator_loss"]))
+
+
+def fixed_batch(client):
+    return client.to_device(client.train_x[:8], client.train_y[:8])
+
+
+def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(small_run):
+    server = make_server(small_run, "LG")
+    arrived = server.clients[:3]
+    weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
+    expected = sum(w * c.model.head.weight.detach() for w, c in zip(weights / weights.sum(), arrived))
+    server.server_round(arrived, timer(server))
+    assert server.upload_floats == 3 * head_floats()
+    torch.testing.assert_close(server.global_head["weight"], expected)
+
+    untouched = server.clients[3].model.head.weight.detach().clone()
+    server.send(server.clients[:2])
+    assert server.download_floats == 2 * head_floats()
+    for client in server.clients[:2]:
+        torch.testing.assert_close(client.model.head.weight, expected)
+    assert torch.equal(server.clients[3].model.head.weight, untouched)
+
+
+def test_head_sharing_refuses_heads_of_another_shape(small_run):
+    server = make_server(small_run, "LG-FedAvg")
+    other = build_model("tiny_cnn", K, FEATURE_DIM * 2, 3, 32)
+    with pytest.raises(UserError, match="heads match"):
+        server.check_head(1, other)
+
+
+@pytest.mark.parametrize("lam", ["0", "1"])
+def test_feddistill_loss_and_per_class_average(small_run, lam):
+    server = make_server(small_run, "FedDistill", "-lam", lam)
+    client = server.clients[1]
+    x, y = fixed_batch(client)
+    client.model.eval()
+    cross_entropy = F.cross_entropy(client.model(x), y).item()
+    assert client.training_loss(x, y).item() == pytest.approx(cross_entropy, rel=1e-6), "no global logits yet"
+
+    for c in server.clients:
+        c.train()
+    uploads = [c.class_logits() for c in server.clients]
+    server.server_round(server.clients, timer(server))
+    for row, cls in zip(server.global_logits, server.global_classes.tolist()):
+        rows = [logits[(classes == cls).nonzero().item()] for logits, classes in uploads if cls in classes]
+        torch.testing.assert_close(row, torch.stack(rows).mean(0))
+
+    server.send([client])
+    client.model.eval()
+    logits = client.model(x)
+    teacher = dict(zip(server.global_classes.tolist(), server.global_logits))
+    squared = sum(((logits[i] - teacher[int(label)]) ** 2).sum() for i, label in enumerate(y) if int(label) in teacher)
+    expected = F.cross_entropy(logits, y).item() + float(lam) * squared.item() / logits.numel()
+    assert client.training_loss(x, y).item() == pytest.approx(expected, rel=1e-5)
+    if lam == "1":
+        assert squared.item() > 0
+
+
+def test_feddistill_default_lambda_and_bad_lambda(small_run):
+    assert make_server(small_run, "FedDistill").lam == 1.0
+    assert make_server(small_run, "FD", "-lam", "0.3").lam == 0.3
+    with pytest.raises(UserError, match="-lam"):
+        make_server(small_run, "FedDistill", "-lam", "-1")
+
+
+def kl(teacher_logits, student_logits):
+    p = F.softmax(teacher_logits, 1)
+    return (p * (F.log_softmax(teacher_logits, 1) - F.log_softmax(student_logits, 1))).sum(1).mean()
+
+
+@pytest.mark.parametrize("alpha,beta", [("1", "1"), ("0.5", "0.5"), ("0.2", "0.9")])
+def test_fml_mutual_loss(small_run, alpha, beta):
+    server = make_server(small_run, "FML", "-al", alpha, "-bt", beta)
+    client = server.clients[0]
+    x, y = fixed_batch(client)
+    client.model.eval()
+    client.meme.eval()
+    local, meme = client.model(x), client.meme(x)
+    a, b = float(alpha), float(beta)
+    expected = (a * F.cross_entropy(local, y) + (1 - a) * kl(meme, local)
+                + b * F.cross_entropy(meme, y) + (1 - b) * kl(local, meme))
+    assert client.training_loss(x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl(meme, local).item() > 0, "the models disagree, so the KL terms matter when alpha, beta < 1"
+
+
+def test_fml_averages_shared_models_and_every_client_starts_from_one(small_run):
+    server = make_server(small_run, "FML")
+    first = server.clients[0].meme.state_dict()
+    assert all(torch.equal(first[k], c.meme.state_dict()[k]) for c in server.clients for k in first)
+    for c in server.clients[:2]:
+        c.train()
+    arrived = server.clients[:2]
+    weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
+    name = next(iter(server.global_meme))
+    expected = sum(w * dict(c.meme.named_parameters())[name].detach() for w, c in zip(weights / weights.sum(), arrived))
+    server.server_round(arrived, timer(server))
+    assert server.upload_floats == 2 * fml_model_floats()
+    torch.testing.assert_close(server.global_meme[name], expected)
+    server.send(server.clients[2:])
+    torch.testing.assert_close(dict(server.clients[3].meme.named_parameters())[name], expected)
+
+
+@pytest.mark.parametrize("flags,fragment", [(["-al", "1.5"], "-al"), (["-bt", "-0.1"], "-bt"),
+                                            (["--fml_model", "nope"], "--fml_model")])
+def test_fml_rejects_bad_flags(small_run, flags, fragment):
+    with pytest.raises(UserError, match=fragment):
+        make_server(small_run, "FML", *flags)
+
+
+def test_fedgen_client_loss_adds_the_generated_feature_term(small_run):
+    server = make_server(small_run, "FedGen")
+    client = server.clients[2]
+    x, y = fixed_batch(client)
+    client.model.eval()
+    assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(client.model(x), y).item(), rel=1e-6)
+
+    server.server_round(server.clients, timer(server))
+    counts = sum(torch.bincount(c.train_y, minlength=K) for c in server.clients).float()
+    torch.testing.assert_close(server.label_prior, counts / counts.sum())
+    server.send([client])
+    torch.testing.assert_close(client.model.head.weight, server.global_head["weight"])
+
+    state = client.generator.get_state()
+    loss = client.training_loss(x, y).item()
+    client.generator.set_state(state)
+    labels = torch.multinomial(server.label_prior, client.batch_size, replacement=True, generator=client.generator)
+    noise = torch.randn(client.batch_size, NOISE_DIM, generator=client.generator)
+    with torch.no_grad():
+        features = server.feature_generator.eval()(noise, labels)
+        generated = F.cross_entropy(client.model.head(features), labels).item()
+        expected = F.cross_entropy(client.model(x), y).item() + generated
+    assert generated > 0 and loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_fedgen_generator_learns_from_the_heads(small_run):
+    server = make_server(small_run, "FedGen", "-se", "60", "-glr", "0.01")
+    for c in server.clients:
+        c.train()
+    labels = torch.arange(K).repeat(20)
+
+    def global_head_loss():
+        head = torch.nn.Linear(FEATURE_DIM, K)
+        head.load_state_dict(server.global_head)
+        noise = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            return F.cross_entropy(head(server.feature_generator.eval().sample(labels, noise)), labels).item()
+
+    server.receive_heads(server.clients)
+    before = global_head_loss()
+    server.server_round(server.clients, timer(server))
+    assert global_head_loss() < before
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("algorithm", ["FedGen", "FML"])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp_path, monkeypatch, algorithm):
+    reference = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck_ref"))
+    assert main.main(reference) == 0
+    expected = results_of(reference, algorithm)
+
+    argv = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck"))
+    argv[argv.index("--results_dir") + 1] = str(tmp_path / "resumed")
+    cls = server_class(algorithm)
+    finish_round = cls.server_round
+
+    def stop_in_round_one(self, arrived, round_timer):
+        if self.round == 1:
+            raise Interrupted
+        finish_round(self, arrived, round_timer)
+
+    monkeypatch.setattr(cls, "server_round", stop_in_round_one)
+    with pytest.raises(Interrupted):
+        main.main(argv)
+    monkeypatch.undo()
+    assert main.main(argv + ["--resume"]) == 0
+    resumed = results_of(argv, algorithm)
+    keys = ["rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats", "eval_rounds"]
+    for key in keys + (["generator_loss"] if algorithm == "FedGen" else []):
+        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

@@ -1,0 +1,318 @@
+"""FedProto, FedKD, FedGH and FedTGP: end to end on Digits, communication counted by hand, the prototype
+classifier and regularizer, SVD compression, and resuming after an interruption."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import main
+from flcore.algorithms import server_class
+from flcore.clients.clientkd import kept_rank, packed_floats, shared_state, svd_compress, svd_decompress
+from flcore.clients.clientproto import ClientFedProto
+from flcore.clients.clienttgp import ClientFedTGP
+from flcore.data import ClientData, load_federated_dataset
+from flcore.errors import UserError
+from flcore.options import parse_args
+from flcore.results import read_h5
+from flcore.servers.serverbase import PhaseTimer, Server
+from flcore.servers.servertgp import adaptive_margin
+from flcore.trainmodel import BaseHeadSplit
+
+D = 64  # small_run's feature dimension
+K = 10
+CLIENTS = 4
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny models train many times faster on one thread, above all on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def results_of(argv, algorithm):
+    return read_h5(os.path.join(argv[argv.index("--results_dir") + 1], f"Digits_{algorithm}_test_0.h5"))
+
+
+def run_two_rounds(small_run, algorithm, *extra):
+    argv = small_run("-algo", algorithm, "-gr", "2", *extra)
+    assert main.main(argv) == 0
+    data = results_of(argv, algorithm)
+    assert data["rs_test_acc"].max() > 0.1, f"{algorithm} should beat chance (0.1) on Digits"
+    assert len(data["upload_floats"]) == 2
+    return argv, data
+
+
+def local_classes(argv):
+    return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv)).clients]
+
+
+def make_server(small_run, algorithm, *extra):
+    args = parse_args(small_run("-algo", algorithm, *extra))
+    return server_class(algorithm)(args, load_federated_dataset(args), 0, CPU)
+
+
+def timer(server):
+    return PhaseTimer(server.phases, server.device)
+
+
+def test_fedproto_end_to_end_communication(small_run):
+    argv, data = run_two_rounds(small_run, "FedProto")
+    classes = local_classes(argv)
+    # Per local class: the mean feature (D floats) and its sample count (the weight of the average).
+    assert np.all(data["upload_floats"] == sum(map(len, classes)) * (D + 1))
+    # Right after aggregation, every client gets the prototype of every class some client holds.
+    assert np.all(data["download_floats"] == CLIENTS * len(set().union(*classes)) * D)
+
+
+def test_fedgh_end_to_end_communication(small_run):
+    argv, data = run_two_rounds(small_run, "FedGH")
+    assert np.all(data["upload_floats"] == sum(map(len, local_classes(argv))) * D)
+    assert np.all(data["download_floats"] == CLIENTS * (D * K + K)), "the global head, Linear(D, K)"
+    assert np.all(np.isfinite(data["server_loss"]))
+
+
+def test_fedtgp_end_to_end_communication(small_run):
+    argv, data = run_two_rounds(small_run, "FedTGP", "-mart", "1.5")
+    assert np.all(data["upload_floats"] == sum(map(len, local_classes(argv))) * D)
+    assert np.all(data["download_floats"] == CLIENTS * K * D), "all K trained prototypes"
+    assert np.all((data["margin"] > 0) & (data["margin"] <= 1.5))
+
+
+def test_fedkd_end_to_end_communication(small_run):
+    argv, data = run_two_rounds(small_run, "FedKD")
+    mentee_floats = 156810  # cnn4 at 3x32x32, D 64, K 10: (2400+32) + (51200+64) + (102400+64) + (640+10)
+    assert data["download_floats"][0] > CLIENTS * mentee_floats, "the whole mentee first, then the update"
+    assert data["download_floats"][1] < CLIENTS * mentee_floats / 4
+    assert np.all(data["upload_floats"] < CLIENTS * mentee_floats / 4), "updates travel compressed"
+    assert data["svd_energy"] == pytest.approx([0.95, 0.965]), "T_start + (T_end - T_start) * round / rounds"
+
+
+def test_fedkd_counts_the_svd_factors_it_sends(small_run):
+    server = make_server(small_run, "FedKD")
+    state = shared_state(server.mentee)
+    assert sum(t.numel() for t in state.values()) == 156810
+    server.send(server.clients)
+    assert server.download_floats == CLIENTS * 156810, "a client's first download is the whole mentee"
+
+    # Client i moves every matrix by one unit at entry (i, i): rank 1, in directions orthogonal across clients.
+    for i, client in enumerate(server.clients):
+        with torch.no_grad():
+            for t in shared_state(client.mentee).values():
+                if t.dim() >= 2:
+                    t.view(t.shape[0], -1)[i, i] += 1.0
+                else:
+                    t += 0.5
+    matrices = [(t.shape[0], t[0].numel()) for t in state.values() if t.dim() >= 2]
+    rank_one = sum(m + n + 1 for m, n in matrices)
+    vectors = sum(t.numel() for t in state.values() if t.dim() < 2)
+    upload = server.clients[0].upload(0.95)
+    assert all(packed["s"].numel() == 1 for packed in upload.values() if "s" in packed)
+    assert packed_floats(upload) == rank_one + vectors
+
+    server.download_floats = 0
+    server.server_round(server.clients, timer(server))
+    assert server.upload_floats == CLIENTS * (rank_one + vectors)
+    # The average holds 4 orthogonal directions of equal weight (3/4 < 0.95 of the energy): rank 4 is kept.
+    assert all(packed["s"].numel() == 4 for packed in server.last_update.values() if "s" in packed)
+    assert server.download_floats == CLIENTS * (4 * rank_one + vectors)
+    for client in server.clients:
+        assert client.synced_version == server.version == 1
+        for name, t in shared_state(client.mentee).items():
+            torch.testing.assert_close(t, state[name])
+
+    # A client one version behind gets the last compressed update; one further behind, the whole mentee.
+    straggler, others = server.clients[0], server.clients[1:]
+    server.server_round(others, timer(server))
+    server.download_floats = 0
+    server.send([straggler])
+    assert server.download_floats == packed_floats(server.last_update) and straggler.synced_version == 2
+    server.server_round(others, timer(server))
+    server.server_round(others, timer(server))
+    server.download_floats = 0
+    server.send([straggler])
+    assert server.download_floats == 156810 and straggler.synced_version == 4
+
+
+def orthonormal(rows, cols, generator):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))[0]
+
+
+@pytest.mark.parametrize("energy,rank", [(0.5, 1), (0.9, 2), (0.95, 3), (0.99, 4), (1.0, 6)])
+def test_svd_compression_keeps_the_requested_energy(energy, rank):
+    generator = torch.Generator().manual_seed(0)
+    singular = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    # Energy shares of the leading 1..6 values: 0.750, 0.938, 0.985, 0.997, 0.9993, 1.
+    matrix = orthonormal(40, 6, generator) @ torch.diag(singular) @ orthonormal(30, 6, generator).T
+    tensor = matrix.reshape(40, 3, 5, 2)
+    assert kept_rank(singular, energy) == rank
+    packed = svd_compress(tensor, energy)
+    assert packed["u"].shape == (40, rank) and packed["s"].shape == (rank,) and packed["v"].shape == (rank, 30)
+    assert packed_floats({"w": packed}) == rank * (40 + 30 + 1)
+    restored = svd_decompress(packed, tensor.shape)
+    assert restored.shape == tensor.shape
+    kept = float(singular[:rank].pow(2).sum() / singular.pow(2).sum())
+    assert kept >= energy - 1e-12
+    lost = float((restored - tensor).pow(2).sum() / tensor.pow(2).sum())
+    assert lost == pytest.approx(1 - kept, abs=1e-9)
+
+
+def test_svd_compression_of_vectors_and_zero_matrices():
+    bias = torch.arange(5.0)
+    assert torch.equal(svd_decompress(svd_compress(bias, 0.9), bias.shape), bias)
+    assert packed_floats({"b": svd_compress(bias, 0.9)}) == 5
+    zero = svd_compress(torch.zeros(6, 4), 0.95)
+    assert packed_floats({"w": zero}) == 0 and torch.equal(svd_decompress(zero, (6, 4)), torch.zeros(6, 4))
+
+
+POINTS = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 8.0], [6.0, 4.0]])
+LABELS = torch.tensor([0, 1, 2, 1])
+PROTOTYPES = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+ALL = torch.ones(3, dtype=torch.bool)
+NO_CLASS_1 = torch.tensor([True, False, True])
+
+
+def identity_client(small_run, cls=ClientFedProto, lamda=1.0):
+    """A 3-class client whose features are its 2-D inputs and whose head always says class 2."""
+    args = parse_args(small_run("-algo", "FedProto", "-nb", "3", "-fd", "2"))
+    head = nn.Linear(2, 3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    model = BaseHeadSplit(nn.Identity(), head, 2, 3, "identity")
+    return cls(args, 0, model, ClientData(POINTS, LABELS, POINTS, LABELS), 0, CPU, False, lamda=lamda)
+
+
+def test_fedproto_predicts_the_nearest_global_prototype(small_run):
+    client = identity_client(small_run)
+    assert client.test_metrics()[:2] == (1, 4), "the head until global prototypes arrive"
+    client.receive(PROTOTYPES, ALL)
+    scores = client.scores(POINTS)
+    torch.testing.assert_close(scores[0], -torch.tensor([2.0, 82.0, 82.0]).sqrt())
+    assert scores.argmax(1).tolist() == [0, 1, 2, 1]
+    correct, total, auc = client.test_metrics()
+    assert (correct, total) == (4, 4) and auc == pytest.approx(1.0)
+    client.receive(PROTOTYPES, NO_CLASS_1)
+    assert client.scores(POINTS).argmax(1).tolist() == [0, 0, 2, 0], "a class without a prototype is never chosen"
+    assert np.isfinite(client.test_metrics()[2])
+
+
+@pytest.mark.parametrize("cls", [ClientFedProto, ClientFedTGP])
+def test_prototype_term_is_lamda_times_mse_and_vanishes_at_zero(small_run, cls):
+    unweighted, weighted = identity_client(small_run, cls, 0.0), identity_client(small_run, cls, 2.0)
+    ce = F.cross_entropy(weighted.model(POINTS), LABELS).item()
+    assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce), "no term before prototypes"
+    for client in (unweighted, weighted):
+        client.receive(PROTOTYPES, ALL)
+    assert unweighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce)
+    # Squared distances to the label's prototype: 2, 2, 5, 32 over 4 samples x 2 dimensions.
+    assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce + 2 * 41 / 8)
+    weighted.receive(PROTOTYPES, NO_CLASS_1)
+    assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce + 2 * 7 / 8)
+
+
+def test_fedproto_averages_prototypes_weighted_by_sample_counts(small_run):
+    server = make_server(small_run, "FedProto")
+    means = torch.stack([torch.full((D,), v) for v in (1.0, 5.0, 2.0)])
+    server.aggregate(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
+    assert torch.equal(server.present.nonzero().squeeze(1), torch.tensor([2, 7]))
+    torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # (1*1 + 3*5) / 4
+    server.aggregate(torch.full((1, D), 6.0), torch.tensor([7]), torch.tensor([2.0]))
+    torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # kept: nobody sent class 2
+    torch.testing.assert_close(server.global_prototypes[7], torch.full((D,), 6.0))
+    assert server.payload()[1] == 2 * D
+
+
+def test_fedtgp_adaptive_margin():
+    prototypes = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [1.0, 5.0]])
+    classes = torch.tensor([0, 0, 1, 2])
+    # Class centers (1,0), (4,0), (1,5): nearest-other distances 3, 3, 5; the margin is the largest.
+    assert adaptive_margin(prototypes, classes, 3, 100.0) == pytest.approx(5.0)
+    assert adaptive_margin(prototypes, classes, 3, 2.0) == 2.0
+    assert adaptive_margin(prototypes[:2], classes[:2], 3, 100.0) == 0.0
+
+
+def test_fedtgp_server_training_separates_the_classes(small_run):
+    server = make_server(small_run, "FedTGP", "-se", "100", "-slr", "0.05")
+    generator = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(3, D, generator=generator)
+    classes = torch.tensor([1, 4, 8]).repeat_interleave(4)
+    rows = centers.repeat_interleave(4, 0) + 0.3 * torch.randn(12, D, generator=generator)
+    server.aggregate(rows, classes, torch.ones(12))
+    assert server.global_prototypes.shape == (K, D)
+    nearest = torch.cdist(rows, server.global_prototypes).argmin(1)
+    assert torch.equal(nearest, classes)
+
+
+def test_fedgh_clients_take_the_global_head(small_run):
+    server = make_server(small_run, "FedGH", "-se", "5")
+    uploaded = sum(len(client.class_means()[1]) for client in server.clients)
+    server.server_round(server.clients, timer(server))
+    assert server.upload_floats == uploaded * D
+    assert server.download_floats == CLIENTS * (D * K + K)
+    for client in server.clients:
+        assert torch.equal(client.model.head.weight, server.head.weight)
+        assert torch.equal(client.model.head.bias, server.head.bias)
+    server.download_floats = 0
+    server.send(server.clients)
+    assert server.download_floats == 0, "clients already hold the latest head"
+
+
+def test_fedgh_refuses_a_non_linear_head(small_run):
+    server = make_server(small_run, "FedGH")
+    model = BaseHeadSplit(nn.Identity(), nn.Sequential(nn.Linear(D, 8), nn.Linear(8, K)), D, K, "odd")
+    with pytest.raises(UserError, match="linear heads"):
+        server.make_client(0, model, server.dataset.clients[0], 0, False)
+
+
+@pytest.mark.parametrize("flags,fragment", [(("-Ts", "0.99", "-Te", "0.9"), "-Ts"),
+                                            (("--mentee_model", "nope"), "unknown model"),
+                                            (("-mlr", "0"), "-mlr")])
+def test_fedkd_bad_flags(small_run, capsys, flags, fragment):
+    assert main.main(small_run("-algo", "FedKD", *flags)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+COMPARED = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats", "server_loss",
+            "margin", "eval_rounds")
+
+
+def test_fedtgp_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp_path, monkeypatch):
+    def argv(name):
+        flags = small_run("-algo", "FedTGP", "-gr", "2", "-jr", "0.5", "-se", "10", "-sfn", str(tmp_path / name))
+        flags[flags.index("--results_dir") + 1] = str(tmp_path / name)
+        return flags
+
+    reference = argv("reference")
+    assert main.main(reference) == 0
+    expected = results_of(reference, "FedTGP")
+
+    save = Server.save_checkpoint
+
+    def save_then_stop(server):
+        save(server)
+        if server.round == 1 and not server.finished:
+            raise Interrupted
+
+    monkeypatch.setattr(Server, "save_checkpoint", save_then_stop)
+    interrupted = argv("interrupted")
+    with pytest.raises(Interrupted):
+        main.main(interrupted)
+    monkeypatch.undo()
+    assert not os.path.exists(tmp_path / "interrupted" / "Digits_FedTGP_test_0.h5")
+
+    assert main.main(interrupted + ["--resume"]) == 0
+    resumed = results_of(interrupted, "FedTGP")
+    for key in COMPARED:
+        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

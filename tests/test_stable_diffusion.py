@@ -1,0 +1,288 @@
+"""FedKTL with Stable Diffusion, on a tiny random-weight pipeline saved in the diffusers layout by the test and
+loaded through -GPath like real weights."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+import main  # noqa: E402
+from flcore.data import load_federated_dataset  # noqa: E402
+from flcore.errors import UserError  # noqa: E402
+from flcore.options import REPO_ROOT, parse_args  # noqa: E402
+from flcore.results import read_h5  # noqa: E402
+from flcore.servers.serverbase import PhaseTimer  # noqa: E402
+from flcore.servers.serverktl import to_client_images  # noqa: E402
+from flcore.servers.serverktl_stable_diffusion import ServerKTLStableDiffusion  # noqa: E402
+from pipelines.pipeline import LatentsToImagePipeline  # noqa: E402
+
+# One small client model and large batches keep the runs short; the generator is what is tested here.
+FAST = ["-m", "tiny_cnn", "-lbs", "100", "-se", "5", "-sbs", "8", "--sd_steps", "2", "--image_every", "0"]
+TINY_LATENT_SHAPE = (4, 8, 8)  # UNet sample_size 8, VAE with 4 blocks: 8x down-scaling, 64x64 images
+DOWNLOAD = os.path.join(REPO_ROOT, "stable-diffusion", "v1.5", "download.py")
+RESULTS = "Digits_FedKTL-stable-diffusion_test_0"
+
+
+def write_tokenizer_files(folder):
+    """A character-level CLIP vocabulary (no merges) covering the prompts used here."""
+    letters = sorted(set("acdgthoblurypf"))
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [letter + "</w>" for letter in letters]
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_path, "w") as f:
+        json.dump({token: i for i, token in enumerate(tokens)}, f)
+    with open(merges_path, "w") as f:
+        f.write("#version: 0.2\n")
+    return vocab_path, merges_path, len(tokens)
+
+
+def build_tiny_pipeline(folder):
+    """Random-weight SD-shaped pipeline (8x VAE down-scaling, 4 latent channels, CLIP text encoder)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab_path, merges_path, vocab_size = write_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64)
+    # Euler's init_noise_sigma is far from 1, so a missing or doubled scale shows.
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    path = os.path.join(folder, "pipeline")
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_path):
+    return LatentsToImagePipeline.from_folder(tiny_path)
+
+
+@pytest.fixture
+def sd_argv(small_run, tiny_path):
+    def argv(*extra, path=tiny_path):
+        return small_run("-algo", "FedKTL-stable-diffusion", "-GPath", path, *FAST, *extra)
+    return argv
+
+
+def make_server(argv):
+    args = parse_args(argv)
+    return ServerKTLStableDiffusion(args, load_federated_dataset(args), 0, torch.device("cpu"))
+
+
+def test_latent_dim_comes_from_the_unet_and_vae_configs(sd_argv):
+    adapter = make_server(sd_argv()).image_generator
+    assert adapter.latent_shape == TINY_LATENT_SHAPE and adapter.latent_dim == 4 * 8 * 8
+    assert adapter.pipeline.default_resolution == 64
+    smaller = make_server(sd_argv("--sd_resolution", "32")).image_generator
+    assert smaller.latent_shape == (4, 4, 4) and smaller.latent_dim == 64
+
+
+def test_paper_defaults_and_float32_on_cpu(sd_argv):
+    server = make_server(sd_argv("--sd_dtype", "float16"))
+    assert (server.lam, server.mu, server.server_lr) == (0.01, 100.0, 0.1)
+    assert server.image_generator.pipeline.dtype == torch.float32
+    assert server.image_generator.pipeline.safety_checker is None
+
+
+def test_pipeline_is_loaded_once_per_process(sd_argv):
+    first, second = make_server(sd_argv()), make_server(sd_argv("--seed", "3"))
+    assert first.image_generator.pipeline is second.image_generator.pipeline
+
+
+def test_valid_latents_are_scaled_standard_normal(sd_argv):
+    adapter = make_server(sd_argv()).image_generator
+    sigma = adapter.pipeline.initial_noise_sigma(2)
+    assert sigma > 5, "Euler's initial noise is far wider than N(0, 1)"
+    assert adapter.noise_sigma == pytest.approx(sigma)
+    latents = adapter.sample_valid(64, torch.Generator().manual_seed(1))
+    assert latents.shape == (64, adapter.latent_dim)
+    assert latents.std().item() == pytest.approx(sigma, rel=0.03)
+    assert abs(latents.mean().item()) < 0.05 * sigma
+    assert torch.equal(latents, adapter.sample_valid(64, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_sampling_from_latents_matches_diffusers(tiny_path, pipeline, guidance):
+    """Same images as diffusers' own sampler, which takes unscaled noise and multiplies it by init_noise_sigma."""
+    reference = StableDiffusionPipeline.from_pretrained(tiny_path, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    sigma = pipeline.initial_noise_sigma(2)
+    latents = torch.randn(2, *TINY_LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * sigma
+    embeddings = pipeline.embed_prompt("a cat", "blurry photo", guided=guidance > 1)
+    assert (embeddings.negative is None) == (guidance <= 1)
+    ours = pipeline.sample_from_latents(latents, embeddings, 2, guidance)
+    theirs = reference(["a cat"] * 2, negative_prompt=["blurry photo"] * 2, latents=latents / sigma,
+                       num_inference_steps=2, guidance_scale=guidance, output_type="pt").images
+    assert ours.shape == (2, 3, 64, 64) and ours.min() >= -1 and ours.max() <= 1
+    torch.testing.assert_close(ours * 0.5 + 0.5, theirs, atol=1e-5, rtol=0)
+
+
+def test_negative_prompt_changes_the_images(pipeline):
+    latents = torch.randn(1, *TINY_LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * 3
+    plain = pipeline.sample_from_latents(latents, pipeline.embed_prompt("a cat", ""), 2, 7.5)
+    negative = pipeline.sample_from_latents(latents, pipeline.embed_prompt("a cat", "blurry dog"), 2, 7.5)
+    assert (plain - negative).abs().max() > 1e-4
+
+
+def v15_shaped_copy(tiny_path, folder):
+    """The tiny pipeline laid out as the v1.5 release is: model_index.json names a safety checker and a feature
+    extractor that are not there, the tokenizer is vocab.json + merges.txt, and the scheduler is PNDM."""
+    shutil.copytree(tiny_path, folder)
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], scheduler=["diffusers", "PNDMScheduler"])
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}, f)
+    tokenizer = os.path.join(folder, "tokenizer")
+    os.remove(os.path.join(tokenizer, "tokenizer.json"))
+    write_tokenizer_files(tokenizer)
+    return folder
+
+
+def test_a_folder_laid_out_like_the_v15_release_loads(tiny_path, tmp_path, sd_argv):
+    adapter = make_server(sd_argv(path=v15_shaped_copy(tiny_path, str(tmp_path / "v15")))).image_generator
+    assert type(adapter.pipeline.scheduler).__name__ == "PNDMScheduler" and adapter.noise_sigma == 1.0
+    assert adapter.pipeline.safety_checker is None
+    images = adapter.render(adapter.sample_valid(1, torch.Generator().manual_seed(0)))
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
+    server = make_server(sd_argv("-gbs", "4"))
+    adapter = server.image_generator
+    batch_sizes = []
+    render = adapter.render
+
+    def counted_render(latents):
+        batch_sizes.append(len(latents))
+        return render(latents)
+
+    adapter.render = counted_render
+    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    images, latents = server.pair_images, server.pair_latents
+    assert batch_sizes == [4, 4, 2]
+    assert images.shape == (10, *server.dataset.image_shape) and latents.shape == (10, adapter.latent_dim)
+    assert images.min() >= -1 and images.max() <= 1
+    assert (images[0] - images[1]).abs().max() > 1e-4, "different centroids render different images"
+    rendered = render(latents)
+    assert rendered.dtype == torch.float32 and not rendered.is_inference(), "clients backpropagate through them"
+    torch.testing.assert_close(images, to_client_images(rendered, server.dataset.image_shape), atol=1e-6, rtol=0)
+
+
+def test_two_rounds_end_to_end(sd_argv):
+    argv = sd_argv("-gr", "2")
+    results = argv[argv.index("--results_dir") + 1]
+    assert main.main(argv) == 0
+    data = read_h5(os.path.join(results, RESULTS + ".h5"))
+    assert len(data["align_mmd"]) == 2 and np.all(np.isfinite(data["align_mmd"]))
+    assert len(data["rs_test_acc"]) == 3 and np.all(np.isfinite(data["rs_train_loss"][1:]))
+    image_floats = int(np.prod(load_federated_dataset(parse_args(argv)).image_shape))
+    pairs, proj = 10 * (image_floats + 256), 64 * 256 + 256
+    assert data["download_floats"].tolist() == [0, 4 * (pairs + proj)], "K images + K latents, proj once"
+
+
+def test_checkpointed_state_continues_identically(sd_argv, tmp_path):
+    """The adapter keeps no per-round state, so the base class's checkpoint is enough to continue a run."""
+    original = make_server(sd_argv())
+    original.server_round(original.clients, PhaseTimer(original.phases, original.device))
+    path = tmp_path / "state.pt"
+    torch.save(original.state_dict(), path)
+    restored = make_server(sd_argv())
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.pair_images, original.pair_images)
+    for server in (original, restored):
+        server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    assert torch.equal(restored.centroids, original.centroids)
+    assert torch.equal(restored.pair_images, original.pair_images)
+
+
+def test_missing_gpath_points_to_the_weights_readme(small_run):
+    with pytest.raises(UserError, match="stable-diffusion/v1.5/README.md"):
+        make_server(small_run("-algo", "FedKTL-stable-diffusion"))
+
+
+def incomplete_copy(tiny_path, tmp_path, remove):
+    folder = str(tmp_path / "broken")
+    shutil.copytree(tiny_path, folder)
+    target = os.path.join(folder, remove)
+    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    return folder
+
+
+@pytest.mark.parametrize("remove,named", [("model_index.json", "model_index.json"), ("unet", "unet/config.json"),
+                                          ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model"),
+                                          ("text_encoder", "text_encoder/config.json"),
+                                          ("tokenizer", "tokenizer/tokenizer.json"),
+                                          ("scheduler", "scheduler/scheduler_config.json")])
+def test_incomplete_folder_names_the_missing_part(tiny_path, tmp_path, sd_argv, capsys, remove, named):
+    argv = sd_argv("-gr", "1", path=incomplete_copy(tiny_path, tmp_path, remove))
+    assert main.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "v1.5/README.md" in lines[0], lines
+    assert not os.path.exists(argv[argv.index("--results_dir") + 1])
+
+
+def test_corrupt_weights_are_a_one_line_error(tiny_path, tmp_path, sd_argv):
+    folder = str(tmp_path / "corrupt")
+    shutil.copytree(tiny_path, folder)
+    with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
+        f.write(b"not safetensors")
+    with pytest.raises(UserError, match="cannot load the Stable Diffusion pipeline") as info:
+        make_server(sd_argv(path=folder))
+    assert "\n" not in str(info.value)
+
+
+def test_hub_name_is_not_fetched_offline(sd_argv):
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="is not a folder"):
+        make_server(sd_argv(path="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    assert time.perf_counter() - start < 5, "a missing folder must fail without network look-ups"
+
+
+@pytest.mark.parametrize("flags,fragment", [(["--sd_resolution", "36"], "multiple of 8"),
+                                            (["--sd_steps", "0"], "--sd_steps")])
+def test_bad_sampler_flags(sd_argv, flags, fragment):
+    with pytest.raises(UserError, match=fragment):
+        make_server(sd_argv(*flags))
+
+
+def test_download_helper_fails_clearly_offline(tmp_path):
+    out = tmp_path / "weights"
+    proc = subprocess.run([sys.executable, DOWNLOAD, "--out", str(out)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0], proc.stderr
+    assert not out.exists()
