@@ -46,8 +46,8 @@ def _import_from_stylegan_utils(name):
                                  f"{detail}); restore stylegan/stylegan-utils from the repository") from None
     location = os.path.realpath(getattr(module, "__file__", None) or "?")
     if not location.startswith(os.path.realpath(STYLEGAN_UTILS_DIR) + os.sep):
-        raise GeneratorLoadError(f"another module named '{name}' ({location}) is already imported and hides "
-                                 f"{STYLEGAN_UTILS_DIR}'s; run without that module's folder on sys.path")
+        raise GeneratorLoadError(f"another module named '{name}' ({location}) is imported instead of the one in "
+                                 f"{STYLEGAN_UTILS_DIR}; run without that module's folder on sys.path")
     return module
 
 

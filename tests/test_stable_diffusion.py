@@ -197,9 +197,9 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
     assert images.shape == (10, *server.dataset.image_shape) and latents.shape == (10, adapter.latent_dim)
     assert images.min() >= -1 and images.max() <= 1
     assert (images[0] - images[1]).abs().max() > 1e-4, "different centroids render different images"
-    rendered = render(latents)
+    rendered = render(latents[-2:])
     assert rendered.dtype == torch.float32 and not rendered.is_inference(), "clients backpropagate through them"
-    torch.testing.assert_close(images, to_client_images(rendered, server.dataset.image_shape), atol=1e-6, rtol=0)
+    torch.testing.assert_close(images[-2:], to_client_images(rendered, server.dataset.image_shape), atol=1e-6, rtol=0)
 
 
 def test_two_rounds_end_to_end(sd_argv):

@@ -378,6 +378,19 @@ def test_suppress_tracer_warnings_silences_only_tracer_warnings_and_only_inside(
     assert [str(w.message) for w in caught] == ["other", "traced again"]
 
 
+def test_suppress_tracer_warnings_does_not_make_other_warnings_repeat():
+    def warn_once_per_place():
+        warnings.warn("shown once", UserWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # show each warning once per place in the code
+        for _ in range(3):  # network code enters the context on every forward pass
+            warn_once_per_place()
+            with misc.suppress_tracer_warnings():
+                pass
+    assert [str(w.message) for w in caught] == ["shown once"]
+
+
 def test_profiled_function_keeps_name_and_result_and_labels_the_profile():
     @misc.profiled_function
     def scaled_sum(x, factor=2):

@@ -442,6 +442,14 @@ class ProjectedDiscriminator(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.head = torch.nn.Conv2d(3, 1, 1)
+
+
+class Settings(dict):
+    pass
+
+
+class Backbones(list):
+    pass
 '''
 
 
@@ -465,6 +473,17 @@ def test_load_network_pkl_stands_in_for_a_discriminator_whose_code_is_missing(tm
     assert torch.equal(data["G_ema"].mapping(z, c), G.mapping(z, c))
     loaded = load_generator_pickle(tmp_path / "xl.pkl")
     assert not loaded.training and loaded.c_dim == 3
+
+
+def test_stand_ins_keep_the_contents_of_dict_and_list_subclasses(tmp_path):
+    missing = import_temp_module(tmp_path, PLAIN_SOURCE, prefix="timm_like")
+    raw = pickle.dumps(dict(G_ema=torch.nn.Linear(1, 1), settings=missing.Settings(lr=0.1),
+                            backbones=missing.Backbones(["efficientnet", "deit"])))
+    forget_module(missing)
+    data = legacy.load_network_pkl(io.BytesIO(raw))
+    assert isinstance(data["settings"], legacy.UnavailableObject) and data["settings"].pickled_items == {"lr": 0.1}
+    assert data["backbones"].pickled_items == ["efficientnet", "deit"]
+    assert [cls.__name__ for cls in legacy.find_unavailable(data)] == ["Backbones", "Settings"]
 
 
 def test_generator_whose_code_is_missing_is_refused_naming_the_module(tmp_path):

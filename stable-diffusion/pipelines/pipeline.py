@@ -97,7 +97,7 @@ class LatentsToImagePipeline(StableDiffusionPipeline):
         """Encodes the prompt once (and the negative prompt, "" for the unconditional one, when guided)."""
         positive, negative = self.encode_prompt(prompt, self._execution_device, 1, guided,
                                                 negative_prompt=negative_prompt if guided else None)
-        return PromptEmbeddings(positive.clone(), negative.clone() if guided else None)
+        return PromptEmbeddings(positive, negative)
 
     @torch.inference_mode()
     def sample_from_latents(self, latents, embeddings, num_inference_steps=50, guidance_scale=7.5, seed=0):

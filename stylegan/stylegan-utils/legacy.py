@@ -52,7 +52,7 @@ class UnavailableObject:
 
 
 def _stand_in_class(module, name, reason, missing_module):
-    key = (module, name)
+    key = (module, name, reason)
     if key not in _stand_in_classes:
         _stand_in_classes[key] = type(name, (UnavailableObject,), {
             "__module__": module, "reason": reason, "missing_module": missing_module})

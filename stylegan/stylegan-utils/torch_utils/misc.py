@@ -32,9 +32,15 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
 @contextlib.contextmanager
 def suppress_tracer_warnings():
     """Silences torch.jit.TracerWarning, which converting a traced size to a Python int raises."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+    # A filter added and removed by hand: warnings.catch_warnings would reset the registry of warnings
+    # already shown (bpo-29672), so that network code calling this on every forward pass would make
+    # unrelated warnings repeat.
+    entry = ("ignore", None, torch.jit.TracerWarning, None, 0)
+    warnings.filters.insert(0, entry)
+    try:
         yield
+    finally:
+        warnings.filters.remove(entry)
 
 
 def assert_shape(tensor, ref_shape):

@@ -18,6 +18,13 @@ def shuffled_batches(num_samples, batch_size, generator):
     return batches
 
 
+def distillation_kl(student_logits, teacher_logits):
+    """KL(softmax(teacher) || softmax(student)) per sample, averaged over the batch; the teacher is a fixed
+    target (no gradient reaches it)."""
+    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits.detach(), 1),
+                    reduction="batchmean", log_target=True)
+
+
 def micro_auc(y_true, scores, num_classes):
     """Micro-averaged one-vs-rest AUC; defined for any label set because one-hot targets hold both 0s and 1s."""
     one_hot = np.eye(num_classes, dtype=np.int64)[y_true]

@@ -2,17 +2,11 @@
 import torch
 import torch.nn.functional as F
 
-from flcore.clients.clientbase import Client
+from flcore.clients.clientbase import Client, distillation_kl
 from flcore.clients.clientlg import load_parameters
 
 # The reference library clips each model's gradient norm to 10 to keep mutual learning from diverging.
 GRAD_CLIP = 10.0
-
-
-def kl_to(student_logits, teacher_logits):
-    """KL(teacher || student) per sample, averaged over the batch; the teacher is a fixed target."""
-    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits.detach(), 1),
-                    reduction="batchmean", log_target=True)
 
 
 def mutual_loss(local_logits, meme_logits, labels, alpha, beta):
@@ -22,9 +16,9 @@ def mutual_loss(local_logits, meme_logits, labels, alpha, beta):
     local = alpha * F.cross_entropy(local_logits, labels)
     meme = beta * F.cross_entropy(meme_logits, labels)
     if alpha < 1:
-        local = local + (1 - alpha) * kl_to(local_logits, meme_logits)
+        local = local + (1 - alpha) * distillation_kl(local_logits, meme_logits)
     if beta < 1:
-        meme = meme + (1 - beta) * kl_to(meme_logits, local_logits)
+        meme = meme + (1 - beta) * distillation_kl(meme_logits, local_logits)
     return local + meme
 
 

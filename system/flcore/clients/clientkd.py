@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.clients.clientbase import Client
+from flcore.clients.clientbase import Client, distillation_kl
 
 
 def kept_rank(singular_values, energy):
@@ -51,15 +51,9 @@ def mutual_distillation_loss(logits, features, mentee_logits, mentee_features, l
     predict well. Each side learns from the other's detached output."""
     task = F.cross_entropy(logits, labels)
     mentee_task = F.cross_entropy(mentee_logits, labels)
-    distill = (kl_to(logits, mentee_logits.detach()) + kl_to(mentee_logits, logits.detach())
+    distill = (distillation_kl(logits, mentee_logits) + distillation_kl(mentee_logits, logits)
                + F.mse_loss(features, hidden_map(mentee_features)))
     return task + mentee_task + distill / (task + mentee_task).detach()
-
-
-def kl_to(logits, target_logits):
-    """KL(softmax(target) || softmax(logits)), averaged over the batch."""
-    return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target_logits, 1), reduction="batchmean",
-                    log_target=True)
 
 
 class ClientFedKD(Client):

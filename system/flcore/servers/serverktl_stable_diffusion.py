@@ -16,7 +16,6 @@ STABLE_DIFFUSION_DIR = os.path.join(REPO_ROOT, "stable-diffusion")
 if STABLE_DIFFUSION_DIR not in sys.path:
     sys.path.insert(0, STABLE_DIFFUSION_DIR)
 
-WEIGHTS_README = "stable-diffusion/v1.5/README.md"
 CUDA_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # The loaded pipeline, keyed by how it was loaded: the runs of one process (-t) share it instead of re-loading.
@@ -41,7 +40,7 @@ def pipeline_dtype(name, device):
     return CUDA_DTYPES[name]
 
 
-def load_pipeline(args, device):
+def load_pipeline(module, args, device):
     """The LatentsToImagePipeline of -GPath on `device`, loaded once per process for the same settings."""
     folder = args.generator_path
     dtype = pipeline_dtype(args.sd_dtype, device)
@@ -49,7 +48,6 @@ def load_pipeline(args, device):
     if key in _loaded_pipeline:
         return _loaded_pipeline[key]
     _loaded_pipeline.clear()
-    module = pipeline_module()
     try:
         pipeline = module.LatentsToImagePipeline.from_folder(folder, dtype)
     except module.PipelineFolderError as exc:
@@ -57,7 +55,7 @@ def load_pipeline(args, device):
     except Exception as exc:  # diffusers and transformers raise many kinds for broken configs or weights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the Stable Diffusion pipeline in {folder}: {reason} "
-                        f"(see {WEIGHTS_README})") from None
+                        f"(see {module.WEIGHTS_README})") from None
     pipeline.to(device)
     if args.sd_attention_slicing:
         pipeline.enable_attention_slicing()
@@ -95,14 +93,15 @@ class StableDiffusionLatents:
 class ServerKTLStableDiffusion(ServerKTL):
     def build_generator(self):
         args = self.args
+        module = pipeline_module()
         if not args.generator_path:
             raise UserError(f"-algo FedKTL-stable-diffusion needs -GPath <diffusers Stable Diffusion folder>, "
-                            f"e.g. -GPath stable-diffusion/v1.5 (see {WEIGHTS_README} to get the weights)")
+                            f"e.g. -GPath stable-diffusion/v1.5 (see {module.WEIGHTS_README} to get the weights)")
         if args.sd_steps < 1:
             raise UserError(f"--sd_steps must be >= 1, got {args.sd_steps}")
         if args.sd_resolution < 0:
             raise UserError(f"--sd_resolution must be >= 0 (0: the model's own), got {args.sd_resolution}")
-        pipeline = load_pipeline(args, self.device)
+        pipeline = load_pipeline(module, args, self.device)
         resolution = args.sd_resolution or pipeline.default_resolution
         try:
             latent_shape = pipeline.latent_shape(resolution)
