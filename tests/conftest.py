@@ -28,3 +28,14 @@ def small_run(digits_root, tmp_path):
         return ["-data", "Digits", "-nb", "10", "-nc", "4", "-dev", "cpu", "-m", "HtCPU4", "-fd", "64",
                 "--dataset_dir", str(dataset_dir), "--results_dir", str(tmp_path / "results"), *extra]
     return argv
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the test (tiny models train faster so, above all on a busy machine); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,13 +20,7 @@ K, FEATURE_DIM, NOISE_DIM, HIDDEN_DIM = 10, 64, 32, 32
 FAST = ["--shots", "20", "--num_threads", "1", "-se", "10", "-nd", str(NOISE_DIM), "-hd", str(HIDDEN_DIM)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One thread here too (main.main sets it from --num_threads); other tests get their count back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_server(small_run, algorithm, *extra):

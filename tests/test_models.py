@@ -31,14 +31,9 @@ EXPECTED_FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    """Batches of 2 gain nothing from intra-op threads, and on a busy machine the second OpenMP thread
-    spin-waits: the file measured 19 s with one thread against 90-200 s with two on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Batches of 2 gain nothing from intra-op threads, and on a busy machine the second OpenMP thread spin-waits:
+# the file measured 19 s with one thread against 90-200 s with two on a loaded 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("in_channels,image_size,feature_dim", INPUT_CASES,
