@@ -31,9 +31,18 @@ def resolve_device(args):
 
 def run_experiment(args):
     """All runs of one configuration; returns the summary over runs."""
-    device = resolve_device(args)
+    threads = torch.get_num_threads()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    try:
+        return run_all(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
+
+
+def run_all(args):
+    """Every run of the configuration, then the summary over them (see run_experiment)."""
+    device = resolve_device(args)
     server_cls = server_class(args.algorithm)
     try:
         family = family_models(args.model_family)

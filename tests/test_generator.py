@@ -327,7 +327,8 @@ def test_nvidia_format_pickle_loads_through_stylegan_utils(tmp_path):
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
         expected = G.synthesis(ws)
-    assert torch.equal(torch.load(tmp_path / "img.pt"), expected)
+    # Another process may use another thread count, which reorders floating-point sums.
+    assert torch.allclose(torch.load(tmp_path / "img.pt"), expected, atol=1e-6)
 
 
 def test_pickle_needing_another_missing_module_names_it(tmp_path):
