@@ -97,6 +97,22 @@ class Client:
         self.last_train_loss = total / max(steps, 1)
         self.batches_last_round = steps
 
+    @torch.no_grad()
+    def class_sums(self, embed):
+        """(sums [K, d], counts [K]): embed(x) summed per label over the training data, model in eval mode;
+        what prototype-style uploads (FedKTL, FedProto, FedGH, FedTGP) are made from."""
+        self.model.eval()
+        sums = None
+        counts = torch.zeros(self.num_classes, device=self.device)
+        for start in range(0, self.num_train, EVAL_BATCH):
+            x, y = self.to_device(self.train_x[start:start + EVAL_BATCH], self.train_y[start:start + EVAL_BATCH])
+            out = embed(x).float()
+            if sums is None:
+                sums = torch.zeros(self.num_classes, out.shape[1], device=self.device)
+            sums.index_add_(0, y, out)
+            counts += torch.bincount(y, minlength=self.num_classes).float()
+        return sums, counts
+
     def scores(self, x):
         """Per-class scores whose argmax is the prediction."""
         return self.model(x)

@@ -60,15 +60,10 @@ class ClientKTL(Client):
     def scores(self, x):
         return self.model(x) if self.etf is None else etf_cosines(self.model(x), self.etf)
 
-    @torch.no_grad()
     def prototypes(self):
         """(P [C_i, K], classes [C_i]): per local class, the normalized mean of normalized head outputs."""
-        self.model.eval()
-        sums = torch.zeros(self.num_classes, self.num_classes, device=self.device)
-        for start in range(0, self.num_train, 256):
-            x, y = self.to_device(self.train_x[start:start + 256], self.train_y[start:start + 256])
-            sums.index_add_(0, y, F.normalize(self.model(x).float(), dim=1))
-        classes = torch.unique(self.train_y).to(self.device)
+        sums, counts = self.class_sums(lambda x: F.normalize(self.model(x), dim=1))
+        classes = torch.nonzero(counts).squeeze(1)
         return F.normalize(sums[classes], dim=1), classes
 
     def state_dict(self):

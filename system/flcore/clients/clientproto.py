@@ -4,7 +4,7 @@ per-class mean features (FedGH, FedTGP)."""
 import torch
 import torch.nn.functional as F
 
-from flcore.clients.clientbase import EVAL_BATCH, Client
+from flcore.clients.clientbase import Client
 
 
 class PrototypeClient(Client):
@@ -15,17 +15,10 @@ class PrototypeClient(Client):
         # Version of the server's global knowledge this client holds (0: none yet); set by the server.
         self.knowledge_version = 0
 
-    @torch.no_grad()
     def class_means(self):
         """(means [C_i, D], classes [C_i], counts [C_i]): per local class, the mean base output over the
         training data, in eval mode, and the number of samples behind it."""
-        self.model.eval()
-        sums = torch.zeros(self.num_classes, self.model.feature_dim, device=self.device)
-        counts = torch.zeros(self.num_classes, device=self.device)
-        for start in range(0, self.num_train, EVAL_BATCH):
-            x, y = self.to_device(self.train_x[start:start + EVAL_BATCH], self.train_y[start:start + EVAL_BATCH])
-            sums.index_add_(0, y, self.model.base(x).float())
-            counts += torch.bincount(y, minlength=self.num_classes).float()
+        sums, counts = self.class_sums(self.model.base)
         classes = torch.nonzero(counts).squeeze(1)
         return sums[classes] / counts[classes, None], classes, counts[classes]
 
