@@ -2,6 +2,9 @@
 download floats per round (the paper's Table 5), and seconds per round.
 
     python system/results_table.py --dataset Digits --goal small [--results_dir results] [--out table.md]
+
+Several goals (one configuration each) give one row per algorithm and goal; --rounds R scores each run by its
+best evaluation up to round R (a 60-round run also answers for 10 and 30 rounds).
 """
 import argparse
 import glob
@@ -31,34 +34,59 @@ def collect(results_dir, dataset, goal):
     return runs
 
 
-def table(runs):
+def best_accuracy(data, rounds=None):
+    """A run's best test accuracy over its evaluations, or over those up to round `rounds`."""
+    accuracy = data["rs_test_acc"]
+    if rounds is not None:
+        accuracy = accuracy[data["eval_rounds"] <= rounds]
+    return accuracy.max()
+
+
+def last_value(data, key):
+    """A per-round measurement's value in the last round that has it (nan when the run has none)."""
+    values = data.get(key, np.array([]))
+    values = values[np.isfinite(values)]
+    return values[-1] if len(values) else np.nan
+
+
+def table(runs, rounds=None, metrics=()):
     order = [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
     lines = ["| algorithm | best test accuracy (%) | runs | upload / round (M floats) | "
-             "download / round (M floats) | s / round |", "|---|---|---|---|---|---|"]
+             "download / round (M floats) | s / round |" + "".join(f" {m} (last round) |" for m in metrics),
+             "|---|---|---|---|---|---|" + "---|" * len(metrics)]
     for name in order:
         data = runs[name]
-        best = np.array([d["rs_test_acc"].max() for d in data]) * 100
+        best = np.array([best_accuracy(d, rounds) for d in data]) * 100
         upload = np.mean([d["upload_floats"].mean() for d in data if len(d["upload_floats"])]) / 1e6
         download = np.mean([d["download_floats"].mean() for d in data if len(d["download_floats"])]) / 1e6
         seconds = np.mean([d["round_time"].mean() for d in data if len(d["round_time"])])
+        extra = "".join(f" {np.mean([last_value(d, m) for d in data]):.3f} |" for m in metrics)
         lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} | {len(data)} | {upload:.4f} | "
-                     f"{download:.4f} | {seconds:.2f} |")
+                     f"{download:.4f} | {seconds:.2f} |{extra}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="Digits")
-    p.add_argument("--goal", default="test")
+    p.add_argument("--goal", nargs="+", default=["test"], help="one or more goals (-go of main.py)")
+    p.add_argument("--rounds", type=int, default=None, help="score runs by their best evaluation up to this round")
+    p.add_argument("--metrics", nargs="*", default=[],
+                   help="per-round measurements to add as columns (mean over runs of the last round's value), "
+                        "e.g. image_distance class_mean_norm")
     p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args(argv)
-    runs = collect(args.results_dir, args.dataset, args.goal)
-    if not runs:
-        print(f"error: no {args.dataset}_*_{args.goal}_<run>.h5 files in {args.results_dir}; "
-              f"run main.py with -data {args.dataset} -go {args.goal} first", file=sys.stderr)
-        return 2
-    text = table(runs)
+    runs = {}
+    for goal in args.goal:
+        found = collect(args.results_dir, args.dataset, goal)
+        if not found:
+            print(f"error: no {args.dataset}_*_{goal}_<run>.h5 files in {args.results_dir}; "
+                  f"run main.py with -data {args.dataset} -go {goal} first", file=sys.stderr)
+            return 2
+        label = (lambda name: name) if len(args.goal) == 1 else (lambda name: f"{name} [{goal}]")
+        runs.update({label(name): data for name, data in found.items()})
+    text = table(runs, args.rounds, args.metrics)
     print(text)
     if args.out:
         with open(args.out + ".tmp", "w") as f:

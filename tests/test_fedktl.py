@@ -35,12 +35,12 @@ def make_server(small_run, *extra, cls=ServerKTLStyleGAN3):
 
 
 def test_generated_pairs_have_client_shape_and_normalization(small_run):
-    server = make_server(small_run)
+    server = make_server(small_run, "-gen", "untrained")
     server.server_round(server.clients, server_timer(server))
     images, latents = server.pair_images, server.pair_latents
     assert images.shape == (10, 3, 32, 32) and latents.shape == (10, server.image_generator.latent_dim)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
-    assert torch.equal(latents, server.centroids.detach())
+    assert torch.equal(latents, server.centroids.detach()), "W latents are sent as they are (the paper)"
 
 
 def server_timer(server):
@@ -118,7 +118,7 @@ def test_three_rounds_end_to_end(small_run):
 
 
 def test_stylegan_xl_uses_class_labels(small_run):
-    server = make_server(small_run, cls=ServerKTLStyleGANXL)
+    server = make_server(small_run, "-gen", "untrained", cls=ServerKTLStyleGANXL)
     adapter = server.image_generator
     assert adapter.G.c_dim > 0
     generator = torch.Generator().manual_seed(0)

@@ -172,6 +172,14 @@ def test_class_mean_reset_sets_present_classes_only():
     assert centroids.grad is None and centroids.requires_grad
 
 
+def test_class_mean_reset_passes_present_class_means_through_renderable():
+    centroids = torch.full((3, 2), 7.0)
+    mapped = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -4.0]])
+    class_mean_reset(centroids, mapped, torch.tensor([0, 0, 2]), renderable=lambda rows: 2 * F.normalize(rows, dim=1))
+    half = math.sqrt(2.0)
+    assert torch.allclose(centroids, torch.tensor([[half, half], [7.0, 7.0], [0.0, -2.0]]))
+
+
 def test_class_mean_reset_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="labels must lie in"):
         class_mean_reset(torch.zeros(3, 2), torch.zeros(2, 2), torch.tensor([0, 3]))

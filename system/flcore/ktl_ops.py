@@ -137,8 +137,9 @@ def _check_labels(labels: torch.Tensor, count: int, num_classes: int) -> None:
 
 
 def class_mean_reset(centroids: torch.Tensor, mapped: torch.Tensor,
-                     labels: torch.Tensor) -> None:
-    """In place: centroids[c] = mean of mapped[labels == c] for every class present."""
+                     labels: torch.Tensor, renderable: Callable[[torch.Tensor], torch.Tensor] = None) -> None:
+    """In place: centroids[c] = mean of mapped[labels == c] for every class present, passed through
+    `renderable` (the generator adapter's map to latents it renders well) when given."""
     if mapped.dim() != 2 or mapped.shape[1] != centroids.shape[1]:
         raise ValueError(f"class_mean_reset needs mapped [P, {centroids.shape[1]}] "
                          f"(got {tuple(mapped.shape)})")
@@ -150,7 +151,8 @@ def class_mean_reset(centroids: torch.Tensor, mapped: torch.Tensor,
         sums = torch.zeros_like(centroids).index_add_(0, labels, mapped)
         counts = torch.bincount(labels, minlength=num_classes)
         present = counts > 0
-        centroids[present] = sums[present] / counts[present].unsqueeze(1).to(centroids.dtype)
+        means = sums[present] / counts[present].unsqueeze(1).to(centroids.dtype)
+        centroids[present] = means if renderable is None else renderable(means)
 
 
 def prototype_batches(num_prototypes: int, batch_size: int,
@@ -173,22 +175,24 @@ def _check_batching(num_prototypes: int, batch_size: int) -> None:
 
 
 def _reset_to_class_means(transformer: FeatureTransformer, centroids: torch.Tensor,
-                          prototypes: torch.Tensor, labels: torch.Tensor) -> None:
+                          prototypes: torch.Tensor, labels: torch.Tensor, renderable) -> None:
     transformer.eval()
     with torch.no_grad():
-        class_mean_reset(centroids, transformer(prototypes), labels)
+        class_mean_reset(centroids, transformer(prototypes), labels, renderable)
 
 
 def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
                   prototypes: torch.Tensor, labels: torch.Tensor,
                   sample_valid: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
                   epochs: int, batch_size: int, lam: float, generator: torch.Generator,
-                  grad_clip: float = 100.0, use_mmd: bool = True, reset_centroids: bool = True) -> dict:
+                  grad_clip: float = 100.0, use_mmd: bool = True, reset_centroids: bool = True,
+                  renderable: Callable[[torch.Tensor], torch.Tensor] = None) -> dict:
     """Server domain alignment: train F and Q on the pooled prototypes (spec step 3).
 
     Returns the last epoch's mean 'mmd', 'centroid' (MSE) and 'loss' terms (floats) and the
     number of optimizer 'steps' (int). Leaves F in eval mode and, with `reset_centroids` (the paper),
-    Q at the class means of F(P) before and after training.
+    Q at the class means of F(P) before and after training (each passed through `renderable` when given, so
+    the centroid term pulls F(P) towards latents the generator renders well).
     """
     if epochs < 1:
         raise ValueError(f"align_domains needs epochs >= 1 (got {epochs})")
@@ -202,7 +206,7 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
     clipped_params = list(transformer.parameters()) + [centroids]
 
     if reset_centroids:
-        _reset_to_class_means(transformer, centroids, prototypes, labels)
+        _reset_to_class_means(transformer, centroids, prototypes, labels, renderable)
     transformer.train()
     steps = 0
     for _ in range(epochs):
@@ -229,7 +233,7 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
             sums['loss'] += loss.item()
     transformer.eval()
     if reset_centroids:
-        _reset_to_class_means(transformer, centroids, prototypes, labels)
+        _reset_to_class_means(transformer, centroids, prototypes, labels, renderable)
 
     stats = {name: total / len(batches) for name, total in sums.items()}
     stats['steps'] = steps

@@ -96,7 +96,19 @@ def build_parser():
     ktl.add_argument("-mu", "--mu", type=float, default=None,
                      help="weight of the knowledge-transfer task; default: the generator's value")
     ktl.add_argument("-GPath", "--generator_path", default="",
-                     help="generator pickle ({'G_ema': G}) or diffusers folder; empty: built-in untrained generator")
+                     help="generator pickle ({'G_ema': G}), DCGAN checkpoint ({'netG_state_dict': ...}) or diffusers "
+                          "folder; empty: the generator chosen by -gen")
+    ktl.add_argument("-gen", "--generator", default="face-dcgan", choices=["face-dcgan", "untrained"],
+                     help="FedKTL-stylegan-* without -GPath: the pre-trained face DCGAN of gan-face-generate "
+                          "(falls back to untrained when it is not installed) or the untrained built-in generator")
+    _bool_flag(ktl, "-lrs", "--latent_rescale", True,
+               "Gaussian-prior generators (DCGAN, Stable Diffusion): move each class centroid to the prior's typical "
+               "norm before rendering it and sending it as q (0: render the class mean as it is, the paper)")
+    ktl.add_argument("--kt_norm", default="keep", choices=["update", "keep", "aux"],
+                     help="BatchNorm in the client's forward of generated images: 'update' lets them update the "
+                          "running statistics (the original code), 'keep' normalizes them with their batch "
+                          "statistics but leaves the running ones alone, 'aux' gives them their own BatchNorm "
+                          "affine parameters and statistics (auxiliary BN); no effect on models without BatchNorm")
     ktl.add_argument("-gbs", "--gen_batch_size", type=int, default=4)
     ktl.add_argument("-prompt", "--stable_diffusion_prompt", default="a cat")
     ktl.add_argument("--sd_steps", type=int, default=50, help="Stable Diffusion: denoising steps per image")
@@ -116,6 +128,11 @@ def build_parser():
     _bool_flag(ablation, "-etf", "--etf", True, "ETF classifier (0: a plain linear head with cross-entropy)")
     ablation.add_argument("-margin", "--margin", type=float, default=0.5,
                           help="angular margin m of the ETF loss (0: no margin)")
+    ablation.add_argument("--margin_warmup", type=int, default=0,
+                          help="raise the margin linearly from 0 to -margin over this many rounds (0: full from the "
+                               "start, the paper)")
+    ablation.add_argument("--client_grad_clip", type=float, default=100.0,
+                          help="FedKTL clients: gradient-norm clip (the paper's code: 100; 0: none)")
     _bool_flag(ablation, "-ft", "--feature_transformer", True,
                "train the feature transformer F (0: a fixed random linear map)")
     _bool_flag(ablation, "-mmd", "--mmd", True, "the MMD term of domain alignment")
@@ -175,6 +192,8 @@ def validate(args):
         (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),
         (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
         (args.margin >= 0, f"--margin must be >= 0, got {args.margin}"),
+        (args.margin_warmup >= 0, f"--margin_warmup must be >= 0, got {args.margin_warmup}"),
+        (args.client_grad_clip >= 0, f"--client_grad_clip must be >= 0 (0: no clip), got {args.client_grad_clip}"),
         (args.image_every >= 0, f"--image_every must be >= 0, got {args.image_every}"),
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),
     ]

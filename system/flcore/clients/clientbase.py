@@ -51,6 +51,7 @@ class Client:
                           if args.learning_rate_decay else None)
         self.last_train_loss = float("nan")
         self.batches_last_round = 0
+        self.grad_norms = []  # pre-clip gradient norms of the last round's steps (clipping clients only)
 
     @property
     def num_train(self):
@@ -77,7 +78,8 @@ class Client:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
+            self.grad_norms.append(norm.detach())
         self.optimizer.step()
 
     def trainable_parameters(self):
@@ -85,6 +87,7 @@ class Client:
 
     def train(self):
         self.model.train()
+        self.grad_norms = []
         total, steps = 0.0, 0
         for _ in range(self.epochs_this_round()):
             for x, y in self.train_batches():

@@ -1,9 +1,12 @@
 """FedKTL client: ETF classifier with an angular margin, prototype upload, and the knowledge-transfer task
 on the server's image-vector pairs."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flcore.batchnorm import AuxiliaryBatchNorm, running_stats_untouched
 from flcore.clients.clientbase import Client
 from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
 
@@ -11,10 +14,10 @@ SCALE = 64.0
 
 
 class ClientKTL(Client):
-    grad_clip = 100.0
-
     def __init__(self, args, client_id, model, data, seed, device, train_slow, etf, latent_dim, mu):
         super().__init__(args, client_id, model, data, seed, device, train_slow)
+        # The paper's code clips at 100; 0 turns clipping off (an infinite clip still measures the norms).
+        self.grad_clip = args.client_grad_clip or math.inf
         # etf None: the ablation with a plain linear head trained with cross-entropy.
         self.etf = etf.to(device) if etf is not None else None
         self.margin = args.margin
@@ -22,6 +25,11 @@ class ClientKTL(Client):
         # proj is trained with the model; its weights come from the server with the first pairs.
         self.proj = nn.Linear(args.feature_dim, latent_dim).to(device)
         self.optimizer.add_param_group({"params": list(self.proj.parameters())})
+        self.kt_norm = args.kt_norm
+        # 'aux': generated images get BatchNorm parameters and statistics of their own, trained with the model.
+        self.aux_norm = AuxiliaryBatchNorm(self.model.base) if self.kt_norm == "aux" else None
+        if self.aux_norm is not None and len(self.aux_norm.affine):
+            self.optimizer.add_param_group({"params": list(self.aux_norm.affine)})
         self.has_proj = False
         self.pair_images = None
         self.pair_latents = None
@@ -50,11 +58,20 @@ class ClientKTL(Client):
             return F.cross_entropy(self.model(x), y)
         return arc_margin_loss(etf_cosines(self.model(x), self.etf), y, SCALE, self.margin)
 
+    def generated_features(self, images):
+        """base(x_G) under the --kt_norm mode: see flcore/batchnorm.py."""
+        if self.kt_norm == "aux":
+            return self.aux_norm(images)
+        if self.kt_norm == "keep":
+            with running_stats_untouched(self.model.base):
+                return self.model.base(images)
+        return self.model.base(images)
+
     def training_loss(self, x, y):
         loss = self.classification_loss(x, y)
         if self.pair_latents is not None and self.mu > 0:
             images, latents = self.next_pairs()
-            loss = loss + self.mu * knowledge_transfer_loss(self.proj(self.model.base(images)), latents)
+            loss = loss + self.mu * knowledge_transfer_loss(self.proj(self.generated_features(images)), latents)
         return loss
 
     def scores(self, x):
@@ -69,6 +86,8 @@ class ClientKTL(Client):
     def state_dict(self):
         state = super().state_dict()
         state.update(proj=self.proj.state_dict(), has_proj=self.has_proj, pair_order=self.pair_order)
+        if self.aux_norm is not None:
+            state["aux_norm"] = self.aux_norm.state_dict()
         return state
 
     def load_state_dict(self, state):
@@ -76,3 +95,5 @@ class ClientKTL(Client):
         self.proj.load_state_dict(state["proj"])
         self.has_proj = state["has_proj"]
         self.pair_order = state["pair_order"]
+        if self.aux_norm is not None:
+            self.aux_norm.load_state_dict(state["aux_norm"])

@@ -16,6 +16,9 @@ from flcore.servers.serverbase import Server
 from flcore.visualize import save_image_grid
 
 ALIGN_GRAD_CLIP = 100.0
+NORM_REFERENCE_SAMPLES = 256
+ROUND_METRICS = ("align_mmd", "align_centroid", "class_mean_norm", "pair_latent_norm", "valid_latent_norm",
+                 "image_distance", "image_std")
 
 
 def to_client_images(images, image_shape):
@@ -38,13 +41,25 @@ def to_client_images(images, image_shape):
     return images[:, :, top:top + height, left:left + width].clamp(-1, 1).contiguous()
 
 
+@torch.no_grad()
+def image_metrics(images):
+    """How distinct the K class images are: their mean pairwise RMS distance and mean per-image pixel std
+    (both in the clients' normalization; a generator's blurred average image scores low on both)."""
+    flat = images.flatten(1).float()
+    distances = torch.cdist(flat, flat) / math.sqrt(flat.shape[1])
+    k = len(flat)
+    pairwise = float(distances.sum() / (k * (k - 1))) if k > 1 else 0.0
+    return {"image_distance": pairwise, "image_std": float(flat.std(dim=1).mean())}
+
+
 class ServerKTL(Server):
     client_class = ClientKTL
     phases = ("eval", "train", "prototypes", "align", "generate")
 
     def build_generator(self):
         """Returns the generator adapter: `latent_dim`, `defaults` {lam, mu, slr},
-        `sample_valid(n, generator)` and `render(latents)` -> images in [-1, 1]."""
+        `sample_valid(n, generator)`, `renderable(latents)` (the latents it renders well; identity for W)
+        and `render(latents)` -> images in [-1, 1]."""
         raise NotImplementedError
 
     def prepare(self):
@@ -66,6 +81,11 @@ class ServerKTL(Server):
         self.proj = nn.Linear(self.args.feature_dim, latent_dim)
         self.pair_images = None
         self.pair_latents = None
+        # Drawn from a stream of its own so that measuring leaves the run's random numbers unchanged.
+        with torch.no_grad():
+            reference = self.image_generator.sample_valid(NORM_REFERENCE_SAMPLES,
+                                                          torch.Generator().manual_seed(self.seed + 1))
+        self.valid_latent_norm = float(reference.float().norm(dim=1).mean())
         tqdm.write(f"FedKTL: lambda {self.lam}, mu {self.mu}, server lr {self.server_lr}, latent dim {latent_dim}")
 
     def sample_valid(self, n):
@@ -77,7 +97,16 @@ class ServerKTL(Server):
                          etf=self.etf if self.args.etf else None, latent_dim=self.image_generator.latent_dim,
                          mu=self.mu)
 
+    def margin_at(self, round_index):
+        """The angular margin of a round: the full -margin, or raised linearly over --margin_warmup rounds."""
+        warmup = self.args.margin_warmup
+        if warmup == 0 or round_index >= warmup:
+            return self.args.margin
+        return self.args.margin * round_index / warmup
+
     def send(self, selected):
+        for client in selected:
+            client.margin = self.margin_at(self.round)
         if self.pair_latents is None:
             return
         pair_floats = self.pair_images.numel() + self.pair_latents.numel()
@@ -89,6 +118,11 @@ class ServerKTL(Server):
             self.download_floats += pair_floats + (proj_floats if send_proj else 0)
 
     def server_round(self, arrived, timer):
+        norms = torch.stack([n for client in arrived for n in client.grad_norms]).float().cpu() if any(
+            client.grad_norms for client in arrived) else torch.empty(0)
+        clip = self.args.client_grad_clip
+        gradient_metrics = {"client_grad_norm": float(norms.mean()) if len(norms) else math.nan,
+                            "clipped_fraction": float((norms > clip).float().mean()) if len(norms) and clip else 0.0}
         with timer("prototypes"):
             uploads = [client.prototypes() for client in arrived]
         prototypes = torch.cat([p for p, _ in uploads]) if uploads else torch.empty(0, self.num_classes)
@@ -96,20 +130,43 @@ class ServerKTL(Server):
         self.upload_floats += prototypes.numel()
         if len(prototypes) < 2:
             tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")
-            self.round_metrics = {"align_mmd": math.nan, "align_centroid": math.nan}
+            self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **gradient_metrics}
             return
         with timer("align"):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
                                   labels.to(self.device), self.sample_valid, self.align_optimizer,
                                   self.args.server_epochs, self.args.server_batch_size, self.lam,
                                   self.torch_generator, ALIGN_GRAD_CLIP, use_mmd=self.args.mmd,
-                                  reset_centroids=self.args.centroid_reset)
-        self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"]}
-        tqdm.write(f"round {self.round}: alignment MMD {stats['mmd']:.4f} | centroid MSE {stats['centroid']:.4f}")
+                                  reset_centroids=self.args.centroid_reset,
+                                  renderable=self.image_generator.renderable)
         with timer("generate"):
-            self.pair_latents = self.centroids.detach().clone()
+            # Clients regress the latent that was rendered.
+            self.pair_latents = self.image_generator.renderable(self.centroids.detach().clone())
             self.pair_images = self.generate(self.pair_latents)
+        self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"],
+                              **self.latent_metrics(prototypes, labels), **image_metrics(self.pair_images),
+                              **gradient_metrics}
+        m = self.round_metrics
+        tqdm.write(f"round {self.round}: alignment MMD {m['align_mmd']:.4f} | centroid MSE {m['align_centroid']:.4f}"
+                   f" | norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
+                   f"valid {m['valid_latent_norm']:.2f} | images: pairwise distance {m['image_distance']:.3f}, "
+                   f"std {m['image_std']:.3f} | client gradient norm {m['client_grad_norm']:.1f}, "
+                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped")
         self.save_images()
+
+    @torch.no_grad()
+    def latent_metrics(self, prototypes, labels):
+        """Mean norm of the class means of F(P) (what the paper renders), of the latents sent, and of valid ones."""
+        self.transformer.eval()
+        mapped = self.transformer(prototypes.to(self.device))
+        sums = torch.zeros(self.num_classes, mapped.shape[1], device=mapped.device)
+        sums.index_add_(0, labels.to(mapped.device), mapped)
+        counts = torch.bincount(labels.to(mapped.device), minlength=self.num_classes)
+        present = counts > 0
+        means = sums[present] / counts[present].unsqueeze(1)
+        return {"class_mean_norm": float(means.norm(dim=1).mean()),
+                "pair_latent_norm": float(self.pair_latents.norm(dim=1).mean()),
+                "valid_latent_norm": self.valid_latent_norm}
 
     @torch.no_grad()
     def generate(self, latents):

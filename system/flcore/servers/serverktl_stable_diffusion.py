@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from flcore.errors import UserError
+from flcore.generators.dcgan import rescale_to_norm, typical_gaussian_norm
 from flcore.options import REPO_ROOT
 from flcore.servers.serverktl import ServerKTL
 
@@ -70,8 +71,9 @@ class StableDiffusionLatents:
     changes between rounds, so the server's checkpoints need none of it."""
     defaults = {"lam": 0.01, "mu": 100.0, "slr": 0.1}
 
-    def __init__(self, pipeline, latent_shape, prompt, negative_prompt, steps, guidance_scale):
+    def __init__(self, pipeline, latent_shape, prompt, negative_prompt, steps, guidance_scale, rescale=True):
         self.pipeline = pipeline
+        self.rescale = rescale
         self.steps = steps
         self.guidance_scale = guidance_scale
         self.latent_shape = latent_shape
@@ -82,6 +84,13 @@ class StableDiffusionLatents:
     def sample_valid(self, n, generator):
         """Drawn on the CPU (the generator's device), so a seed gives the same latents on any device."""
         return (torch.randn(n, self.latent_dim, generator=generator) * self.noise_sigma).to(self.pipeline.device)
+
+    def renderable(self, latents):
+        """A Gaussian prior: a class mean of noise latents is moved back to the typical noise norm (see
+        GaussianLatents), so the sampler starts from noise of the scale it was trained on."""
+        if not self.rescale:
+            return latents
+        return rescale_to_norm(latents, self.noise_sigma * typical_gaussian_norm(self.latent_dim))
 
     def render(self, latents):
         images = self.pipeline.sample_from_latents(latents.reshape(-1, *self.latent_shape), self.embeddings,
@@ -108,7 +117,8 @@ class ServerKTLStableDiffusion(ServerKTL):
         except ValueError as exc:
             raise UserError(f"--sd_resolution: {exc}") from None
         adapter = StableDiffusionLatents(pipeline, latent_shape, args.stable_diffusion_prompt,
-                                         args.sd_negative_prompt, args.sd_steps, args.sd_guidance)
+                                         args.sd_negative_prompt, args.sd_steps, args.sd_guidance,
+                                         rescale=args.latent_rescale)
         tqdm.write(f"FedKTL: Stable Diffusion from {args.generator_path} ({pipeline.dtype}), "
                    f"{resolution}x{resolution} images, latent {latent_shape} (init sigma {adapter.noise_sigma:.3f}), "
                    f"{args.sd_steps} steps, guidance {args.sd_guidance}, prompt {args.stable_diffusion_prompt!r}")

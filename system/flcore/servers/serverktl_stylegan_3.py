@@ -7,6 +7,8 @@ import torch
 from tqdm import tqdm
 
 from flcore.errors import UserError
+from flcore.generators.dcgan import (FACE_DCGAN_INSTALL, DCGANLoadError, GaussianLatents, face_dcgan_weights_path,
+                                     is_dcgan_checkpoint, load_dcgan_checkpoint)
 from flcore.options import REPO_ROOT
 from flcore.servers.serverktl import ServerKTL
 
@@ -38,6 +40,10 @@ class StyleGANLatents:
         z = torch.randn(n, self.G.z_dim, generator=generator).to(self.device)
         return self.G.mapping(z, self.labels(n, generator))[:, 0]
 
+    def renderable(self, latents):
+        """W latents render as they are (the paper)."""
+        return latents
+
     def render(self, latents):
         ws = latents.to(self.device).unsqueeze(1).repeat(1, self.G.num_ws, 1)
         return self.G.synthesis(ws, noise_mode="const")
@@ -50,15 +56,32 @@ class ServerKTLStyleGAN3(ServerKTL):
 
     def build_generator(self):
         path = self.args.generator_path
+        if path and is_dcgan_checkpoint(path):
+            return self.dcgan_adapter(path)
         if path:
             try:
                 G = load_generator_pickle(path, device=self.device)
             except GeneratorLoadError as exc:
                 raise UserError(str(exc)) from None
-        else:
-            channels, height, _ = self.dataset.image_shape
-            G = build_default_generator(height, channels, c_dim=self.builtin_c_dim)
-            tqdm.write(f"FedKTL: no -GPath given, so images come from an untrained built-in generator "
-                       f"(random weights, no pre-trained knowledge); pass -GPath <generator .pkl> "
-                       f"(see {self.weights_readme}) to use pretrained weights.")
+            return StyleGANLatents(G, self.device, self.defaults)
+        if self.args.generator == "face-dcgan":
+            weights = face_dcgan_weights_path()
+            if weights is not None:
+                tqdm.write(f"FedKTL: no -GPath given, so images come from the pre-trained face DCGAN ({weights}); "
+                           f"-gen untrained selects the untrained built-in StyleGAN-style generator.")
+                return self.dcgan_adapter(weights)
+            tqdm.write(f"FedKTL: the pre-trained face generator is not installed ({FACE_DCGAN_INSTALL}); "
+                       f"falling back to the untrained built-in generator.")
+        channels, height, _ = self.dataset.image_shape
+        G = build_default_generator(height, channels, c_dim=self.builtin_c_dim)
+        tqdm.write(f"FedKTL: images come from an untrained built-in generator "
+                   f"(random weights, no pre-trained knowledge); pass -GPath <generator .pkl> "
+                   f"(see {self.weights_readme}) to use pretrained weights.")
         return StyleGANLatents(G, self.device, self.defaults)
+
+    def dcgan_adapter(self, path):
+        try:
+            G = load_dcgan_checkpoint(path, device=self.device)
+        except DCGANLoadError as exc:
+            raise UserError(str(exc)) from None
+        return GaussianLatents(G, self.device, self.defaults, rescale=self.args.latent_rescale)

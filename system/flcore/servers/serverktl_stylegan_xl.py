@@ -1,7 +1,7 @@
 """FedKTL with StyleGAN-XL (the paper's default): as StyleGAN3, but class-conditional, so valid latents
 are mapped with random one-hot ImageNet labels."""
 from flcore.errors import UserError
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
 
 IMAGENET_CLASSES = 1000
 
@@ -13,7 +13,7 @@ class ServerKTLStyleGANXL(ServerKTLStyleGAN3):
 
     def build_generator(self):
         adapter = super().build_generator()
-        if adapter.G.c_dim == 0:
+        if isinstance(adapter, StyleGANLatents) and adapter.G.c_dim == 0:
             raise UserError(f"{self.args.generator_path} holds an unconditional generator (c_dim=0), but "
                             f"StyleGAN-XL is class-conditional; use -algo FedKTL-stylegan-3 for it")
         return adapter

@@ -1,0 +1,58 @@
+#!/bin/sh
+# The README's evidence for FedKTL at CPU scale: does the knowledge transfer help its clients?
+# Digits (10 clients) and the CIFAR-10 subset of ../shared/data (20 clients), Dirichlet(0.1), HtCPU4, seed 1,
+# 3 runs of 30 rounds (60 for the ETF/margin study), one CPU thread per run; then the markdown tables.
+# Usage: sh system/run_evidence.sh [digits|cifar|etf]...   (default: all three). Runs from any working directory.
+# Needs the face generator: pip install --no-deps gan-face-generate==1.1.1
+set -e
+cd "$(dirname "$0")"
+PARTS=${*:-"digits cifar etf"}
+CIFAR_NPZ=${CIFAR_NPZ:-../../shared/data/cifar10/cifar10_10k_1000perclass_uint8.npz}
+OUT=../results/evidence
+DATA=../dataset/evidence  # its own folder, so a full CIFAR-10 in dataset/Cifar10 is left alone
+python ../dataset/generate_Digits.py --num-clients 10 --out $DATA/Digits10
+case " $PARTS " in *" cifar "*)
+    python ../dataset/generate_Cifar10.py --root "$CIFAR_NPZ" --num-clients 20 --out $DATA/Cifar10 ;;
+esac
+
+run() {  # run DATA CLIENTS ROUNDS GOAL ALGO [flags...]
+    data=$1; clients=$2; rounds=$3; goal=$4; algo=$5; shift 5
+    python main.py -data "$data" -nb 10 -nc "$clients" -m HtCPU4 -algo "$algo" -gr "$rounds" -t 3 --seed 1 \
+        -dev cpu --num_threads 1 --dataset_dir $DATA --results_dir "$OUT" -go "$goal" "$@"
+}
+
+transfer_configs() {  # the same configurations on each dataset
+    data=$1; clients=$2
+    run "$data" "$clients" 30 local Local
+    run "$data" "$clients" 30 fedgh FedGH
+    run "$data" "$clients" 30 feddistill FedDistill
+    run "$data" "$clients" 30 ktl_dcgan_keep FedKTL-stylegan-3
+    run "$data" "$clients" 30 ktl_dcgan_update FedKTL-stylegan-3 --kt_norm update
+    run "$data" "$clients" 30 ktl_dcgan_aux FedKTL-stylegan-3 --kt_norm aux
+    run "$data" "$clients" 30 ktl_dcgan_norescale FedKTL-stylegan-3 -lrs 0
+    run "$data" "$clients" 30 ktl_untrained_keep FedKTL-stylegan-3 -gen untrained
+    run "$data" "$clients" 30 ktl_untrained_update FedKTL-stylegan-3 -gen untrained --kt_norm update
+    run "$data" "$clients" 30 ktl_mu0 FedKTL-stylegan-3 -mu 0
+    python results_table.py --dataset "$data" --results_dir "$OUT" --out "$OUT/${data}_table.md" --goal local \
+        fedgh feddistill ktl_dcgan_keep ktl_dcgan_update ktl_dcgan_aux ktl_dcgan_norescale ktl_untrained_keep \
+        ktl_untrained_update ktl_mu0
+}
+
+for part in $PARTS; do
+    case $part in
+        digits) transfer_configs Digits10 10 ;;
+        cifar) transfer_configs Cifar10 20 ;;
+        etf)
+            run Digits10 10 60 local_60 Local
+            run Digits10 10 60 ktl_mu0_60 FedKTL-stylegan-3 -mu 0
+            run Digits10 10 60 ktl_mu0_margin0_60 FedKTL-stylegan-3 -mu 0 -margin 0
+            run Digits10 10 60 ktl_mu0_noclip_60 FedKTL-stylegan-3 -mu 0 --client_grad_clip 0
+            run Digits10 10 60 ktl_mu0_warmup_60 FedKTL-stylegan-3 -mu 0 --margin_warmup 10
+            for r in 10 30 60; do
+                python results_table.py --dataset Digits10 --results_dir "$OUT" --rounds $r \
+                    --out "$OUT/Digits10_etf_${r}_rounds.md" --goal local_60 ktl_mu0_60 ktl_mu0_margin0_60 \
+                    ktl_mu0_noclip_60 ktl_mu0_warmup_60
+            done ;;
+        *) echo "error: unknown part '$part'; choose from digits, cifar, etf" >&2; exit 2 ;;
+    esac
+done

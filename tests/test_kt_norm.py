@@ -1,0 +1,126 @@
+"""--kt_norm: what the client's forward of generated images does to BatchNorm (flcore/batchnorm.py)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flcore.batchnorm import AuxiliaryBatchNorm, batchnorm_layers, running_stats_untouched
+from flcore.data import load_federated_dataset
+from flcore.options import parse_args
+from flcore.servers.serverbase import PhaseTimer
+from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+
+BN_CLIENT, LAYERNORM_CLIENT = 0, 3  # HtCPU4: tiny_cnn (BatchNorm), tiny_mixer (LayerNorm only)
+
+
+def clients_with_pairs(small_run, mode):
+    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", "-gen", "untrained", "-se", "2", "-sbs", "8",
+                                "--kt_norm", mode))
+    server = ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
+    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    server.send(server.clients)
+    return server.clients
+
+
+def buffers(module):
+    return {name: value.clone() for name, value in module.named_buffers()}
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def modes(digits_root, tmp_path_factory, one_torch_thread):
+    def argv(*extra):
+        return ["-data", "Digits", "-nb", "10", "-nc", "4", "-dev", "cpu", "-m", "HtCPU4", "-fd", "64",
+                "--dataset_dir", str(digits_root), "--results_dir", str(tmp_path_factory.mktemp("r")), *extra]
+    return {mode: clients_with_pairs(argv, mode) for mode in ("update", "keep", "aux")}
+
+
+def test_update_moves_running_statistics_and_keep_leaves_them_bit_identical(modes):
+    for mode, should_move in (("update", True), ("keep", False), ("aux", False)):
+        client = modes[mode][BN_CLIENT]
+        client.model.train()
+        before = buffers(client.model.base)
+        client.generated_features(client.pair_images)
+        assert same_tensors(before, buffers(client.model.base)) != should_move, mode
+
+
+def test_keep_normalizes_with_batch_statistics_so_features_and_gradients_equal_update(modes):
+    client = modes["keep"][BN_CLIENT]
+    twin = copy.deepcopy(client)
+    twin.kt_norm = "update"
+    for c in (client, twin):
+        c.model.train()
+        c.model.zero_grad()
+    kept, updated = client.generated_features(client.pair_images), twin.generated_features(twin.pair_images)
+    assert torch.equal(kept, updated)
+    kept.square().sum().backward()
+    updated.square().sum().backward()
+    for (name, p), (_, q) in zip(client.model.base.named_parameters(), twin.model.base.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_aux_trains_its_own_batchnorm_and_shares_the_rest(modes):
+    client = modes["aux"][BN_CLIENT]
+    client.model.train()
+    client.model.zero_grad()
+    client.aux_norm.zero_grad()
+    aux_before = buffers(client.aux_norm)
+    client.generated_features(client.pair_images).square().sum().backward()
+    assert not same_tensors(aux_before, buffers(client.aux_norm)), "the auxiliary running statistics learn"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in client.aux_norm.affine)
+    for _, layer in batchnorm_layers(client.model.base):
+        assert layer.weight.grad is None and layer.bias.grad is None, "the model's own BatchNorm is not used"
+    convs = [m for m in client.model.base.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.grad is not None for m in convs), "the other layers are shared"
+    expected = 2 * sum(layer.num_features for _, layer in batchnorm_layers(client.model.base))
+    assert sum(p.numel() for p in client.aux_norm.affine) == expected
+
+
+def test_aux_state_survives_a_checkpoint(modes):
+    client = modes["aux"][BN_CLIENT]
+    client.model.train()
+    client.generated_features(client.pair_images)
+    state = copy.deepcopy(client.state_dict())
+    saved = buffers(client.aux_norm)
+    client.generated_features(torch.flip(client.pair_images, dims=[0]) * 0.5)
+    assert not same_tensors(saved, buffers(client.aux_norm))
+    client.load_state_dict(state)
+    assert same_tensors(saved, buffers(client.aux_norm))
+
+
+def test_every_mode_is_the_plain_forward_without_batchnorm(modes):
+    features = []
+    for mode in ("update", "keep", "aux"):
+        client = modes[mode][LAYERNORM_CLIENT]
+        assert not batchnorm_layers(client.model.base)
+        client.model.train()
+        before = buffers(client.model.base)
+        features.append(client.generated_features(client.pair_images))
+        assert same_tensors(before, buffers(client.model.base))
+    assert len(modes["aux"][LAYERNORM_CLIENT].aux_norm.affine) == 0
+    # Same seed and data in every mode, so the untouched models are identical.
+    assert torch.equal(features[0], features[1]) and torch.equal(features[0], features[2])
+
+
+def test_running_stats_untouched_restores_tracking_after_an_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    with pytest.raises(RuntimeError):
+        with running_stats_untouched(model):
+            model(torch.randn(5, 7))
+    assert model[1].track_running_stats
+    model(torch.randn(5, 3))
+    assert model[1].num_batches_tracked == 1
+
+
+def test_auxiliary_batchnorm_copies_start_equal_and_are_not_saved_twice():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model[1].weight.data.uniform_(0.5, 1.5)
+    aux = AuxiliaryBatchNorm(model)
+    assert not any(key.startswith("module") for key in aux.state_dict())
+    model.eval()
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(aux(x), model(x)), "in eval mode both use identical copies"
