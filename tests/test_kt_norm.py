@@ -124,3 +124,37 @@ def test_auxiliary_batchnorm_copies_start_equal_and_are_not_saved_twice():
     model.eval()
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(aux(x), model(x)), "in eval mode both use identical copies"
+
+
+def ktl_server(small_run, *extra):
+    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", "-gen", "untrained", "-se", "2", "-sbs", "8", *extra))
+    return ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
+
+
+def test_margin_warmup_rises_linearly_then_stays(small_run):
+    server = ktl_server(small_run, "--margin_warmup", "4", "-margin", "0.4")
+    margins = []
+    for r in range(6):
+        server.round = r
+        server.send(server.clients)
+        margins.append(server.clients[1].margin)
+    assert margins == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert ktl_server(small_run).margin_at(0) == 0.5, "no warm-up: the full margin from round 0 (the paper)"
+
+
+@pytest.mark.parametrize("clip,clipped", [("0", 0.0), ("1e-4", 1.0)])
+def test_client_gradient_clip_is_measured_and_applied(small_run, clip, clipped):
+    server = ktl_server(small_run, "--client_grad_clip", clip)
+    client = server.clients[0]
+    before = [p.detach().clone() for p in client.model.parameters()]
+    client.train()
+    assert len(client.grad_norms) == client.batches_last_round and min(client.grad_norms) > 0
+    server.server_round([client], PhaseTimer(server.phases, server.device))
+    metrics = server.round_metrics
+    assert metrics["client_grad_norm"] == pytest.approx(float(torch.stack(client.grad_norms).mean()))
+    assert metrics["clipped_fraction"] == clipped
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(client.model.parameters(), before)))
+    if clipped:  # every SGD step is at most lr * clip long
+        assert moved <= client.batches_last_round * 0.01 * 1e-4 * (1 + 1e-4)
+    else:
+        assert moved > 1e-3

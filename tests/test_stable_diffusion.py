@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 import main  # noqa: E402
 from flcore.data import load_federated_dataset  # noqa: E402
 from flcore.errors import UserError  # noqa: E402
+from flcore.generators.dcgan import typical_gaussian_norm  # noqa: E402
 from flcore.options import REPO_ROOT, parse_args  # noqa: E402
 from flcore.results import read_h5  # noqa: E402
 from flcore.servers.serverbase import PhaseTimer  # noqa: E402
@@ -126,6 +127,20 @@ def test_valid_latents_are_scaled_standard_normal(sd_argv):
     assert latents.std().item() == pytest.approx(sigma, rel=0.03)
     assert abs(latents.mean().item()) < 0.05 * sigma
     assert torch.equal(latents, adapter.sample_valid(64, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("rescale", ["1", "0"])
+def test_class_means_move_to_the_noise_norm_unless_lrs_0(sd_argv, rescale):
+    adapter = make_server(sd_argv("-lrs", rescale)).image_generator
+    means = adapter.sample_valid(12, torch.Generator().manual_seed(2)).view(3, 4, -1).mean(1)
+    out = adapter.renderable(means)
+    if rescale == "0":
+        assert torch.equal(out, means)
+        return
+    typical = adapter.noise_sigma * typical_gaussian_norm(adapter.latent_dim)
+    assert means.norm(dim=1).max() < 0.6 * typical
+    assert torch.allclose(out.norm(dim=1), torch.full((3,), typical), rtol=1e-5)
+    assert torch.allclose(torch.nn.functional.normalize(out, dim=1), torch.nn.functional.normalize(means, dim=1))
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
