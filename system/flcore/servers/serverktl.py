@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flcore.clients.clientktl import ClientKTL
 from flcore.errors import UserError
-from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, simplex_etf
+from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
 from flcore.results import run_name
 from flcore.servers.serverbase import Server
 from flcore.visualize import save_image_grid
@@ -50,6 +50,16 @@ def image_metrics(images):
     k = len(flat)
     pairwise = float(distances.sum() / (k * (k - 1))) if k > 1 else 0.0
     return {"image_distance": pairwise, "image_std": float(flat.std(dim=1).mean())}
+
+
+def gradient_metrics(clients, clip):
+    """The clients' mean pre-clip gradient norm over their last round's steps, and the share of steps clipped."""
+    norms = [norm for client in clients for norm in client.grad_norms]
+    if not norms:
+        return {"client_grad_norm": math.nan, "clipped_fraction": math.nan}
+    norms = torch.stack(norms).float().cpu()
+    return {"client_grad_norm": float(norms.mean()),
+            "clipped_fraction": float((norms > clip).float().mean()) if clip else 0.0}
 
 
 class ServerKTL(Server):
@@ -118,11 +128,7 @@ class ServerKTL(Server):
             self.download_floats += pair_floats + (proj_floats if send_proj else 0)
 
     def server_round(self, arrived, timer):
-        norms = torch.stack([n for client in arrived for n in client.grad_norms]).float().cpu() if any(
-            client.grad_norms for client in arrived) else torch.empty(0)
-        clip = self.args.client_grad_clip
-        gradient_metrics = {"client_grad_norm": float(norms.mean()) if len(norms) else math.nan,
-                            "clipped_fraction": float((norms > clip).float().mean()) if len(norms) and clip else 0.0}
+        gradients = gradient_metrics(arrived, self.args.client_grad_clip)
         with timer("prototypes"):
             uploads = [client.prototypes() for client in arrived]
         prototypes = torch.cat([p for p, _ in uploads]) if uploads else torch.empty(0, self.num_classes)
@@ -130,7 +136,7 @@ class ServerKTL(Server):
         self.upload_floats += prototypes.numel()
         if len(prototypes) < 2:
             tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")
-            self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **gradient_metrics}
+            self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **gradients}
             return
         with timer("align"):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
@@ -145,7 +151,7 @@ class ServerKTL(Server):
             self.pair_images = self.generate(self.pair_latents)
         self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"],
                               **self.latent_metrics(prototypes, labels), **image_metrics(self.pair_images),
-                              **gradient_metrics}
+                              **gradients}
         m = self.round_metrics
         tqdm.write(f"round {self.round}: alignment MMD {m['align_mmd']:.4f} | centroid MSE {m['align_centroid']:.4f}"
                    f" | norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
@@ -159,12 +165,10 @@ class ServerKTL(Server):
         """Mean norm of the class means of F(P) (what the paper renders), of the latents sent, and of valid ones."""
         self.transformer.eval()
         mapped = self.transformer(prototypes.to(self.device))
-        sums = torch.zeros(self.num_classes, mapped.shape[1], device=mapped.device)
-        sums.index_add_(0, labels.to(mapped.device), mapped)
-        counts = torch.bincount(labels.to(mapped.device), minlength=self.num_classes)
-        present = counts > 0
-        means = sums[present] / counts[present].unsqueeze(1)
-        return {"class_mean_norm": float(means.norm(dim=1).mean()),
+        means = torch.zeros(self.num_classes, mapped.shape[1], device=mapped.device)
+        class_mean_reset(means, mapped, labels.to(mapped.device))
+        present = torch.unique(labels)
+        return {"class_mean_norm": float(means[present.to(mapped.device)].norm(dim=1).mean()),
                 "pair_latent_norm": float(self.pair_latents.norm(dim=1).mean()),
                 "valid_latent_norm": self.valid_latent_norm}
 
