@@ -1,5 +1,6 @@
 """--kt_norm: what the client's forward of generated images does to BatchNorm (flcore/batchnorm.py)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -158,3 +159,18 @@ def test_client_gradient_clip_is_measured_and_applied(small_run, clip, clipped):
         assert moved <= client.batches_last_round * 0.01 * 1e-4 * (1 + 1e-4)
     else:
         assert moved > 1e-3
+
+
+def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(small_run):
+    server = ktl_server(small_run)
+    client = server.clients[0]
+    client.train()
+    timer = PhaseTimer(server.phases, server.device)
+    server.server_round([client], timer)
+    assert client.transfer_losses == [] and math.isnan(server.round_metrics["transfer_loss"])
+    server.send([client])
+    client.train()
+    assert len(client.transfer_losses) == client.batches_last_round
+    server.server_round([client], timer)
+    assert server.round_metrics["transfer_loss"] == pytest.approx(float(torch.stack(client.transfer_losses).mean()))
+    assert server.round_metrics["transfer_loss"] > 0

@@ -34,6 +34,7 @@ class ClientKTL(Client):
         self.pair_images = None
         self.pair_latents = None
         self.pair_order = torch.empty(0, dtype=torch.long)
+        self.transfer_losses = []  # the unweighted transfer MSE of the last round's steps
 
     def receive(self, images, latents, proj_state):
         """The server's K image-vector pairs for this round, and proj's weights when it sends them."""
@@ -67,11 +68,17 @@ class ClientKTL(Client):
                 return self.model.base(images)
         return self.model.base(images)
 
+    def train(self):
+        self.transfer_losses = []
+        super().train()
+
     def training_loss(self, x, y):
         loss = self.classification_loss(x, y)
         if self.pair_latents is not None and self.mu > 0:
             images, latents = self.next_pairs()
-            loss = loss + self.mu * knowledge_transfer_loss(self.proj(self.generated_features(images)), latents)
+            transfer = knowledge_transfer_loss(self.proj(self.generated_features(images)), latents)
+            self.transfer_losses.append(transfer.detach())
+            loss = loss + self.mu * transfer
         return loss
 
     def scores(self, x):

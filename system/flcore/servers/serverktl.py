@@ -52,14 +52,18 @@ def image_metrics(images):
     return {"image_distance": pairwise, "image_std": float(flat.std(dim=1).mean())}
 
 
-def gradient_metrics(clients, clip):
-    """The clients' mean pre-clip gradient norm over their last round's steps, and the share of steps clipped."""
+def client_step_metrics(clients, clip):
+    """Over the clients' steps of the last round: the mean pre-clip gradient norm, the share of steps clipped,
+    and the mean (unweighted) transfer loss."""
     norms = [norm for client in clients for norm in client.grad_norms]
-    if not norms:
-        return {"client_grad_norm": math.nan, "clipped_fraction": math.nan}
-    norms = torch.stack(norms).float().cpu()
-    return {"client_grad_norm": float(norms.mean()),
-            "clipped_fraction": float((norms > clip).float().mean()) if clip else 0.0}
+    transfer = [loss for client in clients for loss in client.transfer_losses]
+    metrics = {"client_grad_norm": math.nan, "clipped_fraction": math.nan,
+               "transfer_loss": float(torch.stack(transfer).mean()) if transfer else math.nan}
+    if norms:
+        norms = torch.stack(norms).float().cpu()
+        metrics.update(client_grad_norm=float(norms.mean()),
+                       clipped_fraction=float((norms > clip).float().mean()) if clip else 0.0)
+    return metrics
 
 
 class ServerKTL(Server):
@@ -128,7 +132,7 @@ class ServerKTL(Server):
             self.download_floats += pair_floats + (proj_floats if send_proj else 0)
 
     def server_round(self, arrived, timer):
-        gradients = gradient_metrics(arrived, self.args.client_grad_clip)
+        steps = client_step_metrics(arrived, self.args.client_grad_clip)
         with timer("prototypes"):
             uploads = [client.prototypes() for client in arrived]
         prototypes = torch.cat([p for p, _ in uploads]) if uploads else torch.empty(0, self.num_classes)
@@ -136,7 +140,7 @@ class ServerKTL(Server):
         self.upload_floats += prototypes.numel()
         if len(prototypes) < 2:
             tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")
-            self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **gradients}
+            self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **steps}
             return
         with timer("align"):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
@@ -151,13 +155,13 @@ class ServerKTL(Server):
             self.pair_images = self.generate(self.pair_latents)
         self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"],
                               **self.latent_metrics(prototypes, labels), **image_metrics(self.pair_images),
-                              **gradients}
+                              **steps}
         m = self.round_metrics
         tqdm.write(f"round {self.round}: alignment MMD {m['align_mmd']:.4f} | centroid MSE {m['align_centroid']:.4f}"
                    f" | norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
                    f"valid {m['valid_latent_norm']:.2f} | images: pairwise distance {m['image_distance']:.3f}, "
                    f"std {m['image_std']:.3f} | client gradient norm {m['client_grad_norm']:.1f}, "
-                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped")
+                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped, transfer MSE {m['transfer_loss']:.3f}")
         self.save_images()
 
     @torch.no_grad()
