@@ -47,11 +47,10 @@ for part in $PARTS; do
             run Digits10 10 60 ktl_mu0_60 FedKTL-stylegan-3 -mu 0
             run Digits10 10 60 ktl_mu0_margin0_60 FedKTL-stylegan-3 -mu 0 -margin 0
             run Digits10 10 60 ktl_mu0_noclip_60 FedKTL-stylegan-3 -mu 0 --client_grad_clip 0
-            run Digits10 10 60 ktl_mu0_warmup_60 FedKTL-stylegan-3 -mu 0 --margin_warmup 10
             for r in 10 30 60; do
                 python results_table.py --dataset Digits10 --results_dir "$OUT" --rounds $r \
                     --out "$OUT/Digits10_etf_${r}_rounds.md" --goal local_60 ktl_mu0_60 ktl_mu0_margin0_60 \
-                    ktl_mu0_noclip_60 ktl_mu0_warmup_60
+                    ktl_mu0_noclip_60
             done ;;
         *) echo "error: unknown part '$part'; choose from digits, cifar, etf" >&2; exit 2 ;;
     esac
