@@ -211,7 +211,10 @@ def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, tmp_path):
     assert data["pair_latent_norm"][0] == pytest.approx(typical_gaussian_norm(100), rel=1e-4)
 
 
-def test_a_bad_dcgan_path_is_a_user_error(small_run, tmp_path):
-    torch.save({"netG_state_dict": {"main.0.weight": torch.zeros(100, 8, 4, 4)}}, tmp_path / "g.tar")
-    with pytest.raises(UserError, match="fewer than two"):
+@pytest.mark.parametrize("content,fragment", [
+    ({"netG_state_dict": {"main.0.weight": torch.zeros(100, 8, 4, 4)}}, "fewer than two"),
+    ({"G_ema": 1}, "no generator state dict")])
+def test_a_bad_dcgan_path_is_a_user_error(small_run, tmp_path, content, fragment):
+    torch.save(content, tmp_path / "g.tar")
+    with pytest.raises(UserError, match=fragment):
         make_server(small_run, "-GPath", str(tmp_path / "g.tar"))
