@@ -49,10 +49,36 @@ def last_value(data, key):
     return values[-1] if len(values) else np.nan
 
 
+def metric_value(data, spec):
+    """A per-round measurement of one run, by spec: 'name' (its last round), 'name@R' (round R) or 'name@mean'
+    (the mean over the rounds that have it)."""
+    key, _, when = spec.partition("@")
+    if not when:
+        return last_value(data, key)
+    values = np.asarray(data.get(key, np.array([])), dtype=float)
+    if when == "mean":
+        values = values[np.isfinite(values)]
+        return values.mean() if len(values) else np.nan
+    round_index = int(when)
+    return values[round_index] if round_index < len(values) else np.nan
+
+
+def metric_header(spec):
+    key, _, when = spec.partition("@")
+    return f"{key} ({'last round' if not when else 'mean over rounds' if when == 'mean' else f'round {when}'})"
+
+
+def check_metric(spec):
+    when = spec.partition("@")[2]
+    if when and when != "mean" and not when.isdigit():
+        raise argparse.ArgumentTypeError(f"metric '{spec}': write name, name@ROUND or name@mean")
+    return spec
+
+
 def table(runs, rounds=None, metrics=()):
     order = [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
     lines = ["| algorithm | best test accuracy (%) | runs | upload / round (M floats) | "
-             "download / round (M floats) | s / round |" + "".join(f" {m} (last round) |" for m in metrics),
+             "download / round (M floats) | s / round |" + "".join(f" {metric_header(m)} |" for m in metrics),
              "|---|---|---|---|---|---|" + "---|" * len(metrics)]
     for name in order:
         data = runs[name]
@@ -60,7 +86,7 @@ def table(runs, rounds=None, metrics=()):
         upload = np.mean([d["upload_floats"].mean() for d in data if len(d["upload_floats"])]) / 1e6
         download = np.mean([d["download_floats"].mean() for d in data if len(d["download_floats"])]) / 1e6
         seconds = np.mean([d["round_time"].mean() for d in data if len(d["round_time"])])
-        extra = "".join(f" {np.mean([last_value(d, m) for d in data]):.3f} |" for m in metrics)
+        extra = "".join(f" {np.mean([metric_value(d, m) for d in data]):.3f} |" for m in metrics)
         lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} | {len(data)} | {upload:.4f} | "
                      f"{download:.4f} | {seconds:.2f} |{extra}")
     return "\n".join(lines)
@@ -71,9 +97,10 @@ def main(argv=None):
     p.add_argument("--dataset", default="Digits")
     p.add_argument("--goal", nargs="+", default=["test"], help="one or more goals (-go of main.py)")
     p.add_argument("--rounds", type=int, default=None, help="score runs by their best evaluation up to this round")
-    p.add_argument("--metrics", nargs="*", default=[],
-                   help="per-round measurements to add as columns (mean over runs of the last round's value), "
-                        "e.g. image_distance class_mean_norm")
+    p.add_argument("--metrics", nargs="*", default=[], type=check_metric,
+                   help="per-round measurements to add as columns, mean over runs of: the last round's value "
+                        "(name), round R's (name@R) or the mean over rounds (name@mean), e.g. image_distance@0 "
+                        "grad_cosine@mean")
     p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args(argv)

@@ -188,3 +188,14 @@ def test_results_table_scores_early_rounds_and_several_goals(small_run, capsys):
         assert rows[f"Local [{goal}]"].endswith("| 0.000 | nan |"), "last upload of Local: 0; unknown: nan"
     # Same seed and flags: the first rounds of both runs are the same computation.
     assert rows["Local [short]"].split("|")[2] == rows["Local [long]"].split("|")[2]
+
+
+def test_results_table_metric_specs_pick_a_round_or_the_mean():
+    data = {"grad_cosine": np.array([np.nan, 0.2, -0.4, 0.8])}
+    assert results_table.metric_value(data, "grad_cosine") == pytest.approx(0.8)
+    assert results_table.metric_value(data, "grad_cosine@2") == pytest.approx(-0.4)
+    assert results_table.metric_value(data, "grad_cosine@mean") == pytest.approx(0.2)
+    assert np.isnan(results_table.metric_value(data, "grad_cosine@9"))
+    assert results_table.metric_header("grad_cosine@mean") == "grad_cosine (mean over rounds)"
+    with pytest.raises(SystemExit):
+        results_table.main(["--metrics", "grad_cosine@late"])

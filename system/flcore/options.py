@@ -140,6 +140,24 @@ def build_parser():
                "reset the centroids to class means of F(P) before and after alignment (the original: no effect)")
     _bool_flag(ablation, "-rp", "--reset_proj", False,
                "re-initialize each client's proj from the server's copy every round (the original's behaviour)")
+    transfer = p.add_argument_group("FedKTL knowledge-transfer task (defaults: the paper; see the README's ablations)")
+    transfer.add_argument("--kt_pairs_per_class", type=int, default=1,
+                          help="image-vector pairs rendered per class each round: the centroid and N - 1 latents "
+                               "around it (1: the centroid only, the paper)")
+    transfer.add_argument("--kt_pair_spread", type=float, default=0.3,
+                          help="where the extra latents of a class lie: (1 - s) * centroid + s * a fresh valid "
+                               "latent, made renderable (0: copies of the centroid, 1: unrelated valid latents)")
+    _bool_flag(transfer, "-kfn", "--kt_feature_norm", False,
+               "proj reads L2-normalized features of the generated images, so the task cannot pull on the feature "
+               "norm (0: raw features, the paper)")
+    transfer.add_argument("--mu_warmup", type=int, default=0,
+                          help="raise mu linearly from 0 over this many rounds (0: full mu from the start, the paper)")
+    _bool_flag(transfer, "-kbg", "--kt_base_grad", True,
+               "the transfer loss trains the feature extractor (0: only proj learns it; a diagnostic of how much of "
+               "the task proj absorbs)")
+    _bool_flag(transfer, "-kdiag", "--kt_diagnostics", False,
+               "record, at every client step, the norms and cosine of the classification and the mu-weighted "
+               "transfer gradients on the feature extractor (two extra backward passes; results unchanged)")
     baselines_a = p.add_argument_group("baselines (FedDistill, FML, LG-FedAvg, FedGen)",
                                        "FedDistill's weight is -lam (default 1); FedGen trains -se steps per round")
     baselines_a.add_argument("-al", "--alpha", type=float, default=0.5,
@@ -193,6 +211,10 @@ def validate(args):
         (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
         (args.margin >= 0, f"--margin must be >= 0, got {args.margin}"),
         (args.margin_warmup >= 0, f"--margin_warmup must be >= 0, got {args.margin_warmup}"),
+        (args.kt_pairs_per_class >= 1, f"--kt_pairs_per_class must be >= 1, got {args.kt_pairs_per_class}"),
+        (0.0 <= args.kt_pair_spread <= 1.0, f"--kt_pair_spread must be in [0, 1], got {args.kt_pair_spread}"),
+        (args.mu is None or args.mu >= 0, f"-mu must be >= 0, got {args.mu}"),
+        (args.mu_warmup >= 0, f"--mu_warmup must be >= 0, got {args.mu_warmup}"),
         (args.client_grad_clip >= 0, f"--client_grad_clip must be >= 0 (0: no clip), got {args.client_grad_clip}"),
         (args.image_every >= 0, f"--image_every must be >= 0, got {args.image_every}"),
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),

@@ -34,7 +34,11 @@ class ClientKTL(Client):
         self.pair_images = None
         self.pair_latents = None
         self.pair_order = torch.empty(0, dtype=torch.long)
+        self.feature_norm = args.kt_feature_norm
+        self.base_grad = args.kt_base_grad
+        self.diagnostics = args.kt_diagnostics
         self.transfer_losses = []  # the unweighted transfer MSE of the last round's steps
+        self.gradient_records = []  # with --kt_diagnostics: (classification norm, transfer norm, cosine) per step
 
     def receive(self, images, latents, proj_state):
         """The server's K image-vector pairs for this round, and proj's weights when it sends them."""
@@ -70,16 +74,41 @@ class ClientKTL(Client):
 
     def train(self):
         self.transfer_losses = []
+        self.gradient_records = []
         super().train()
+
+    def transfer_loss(self, images, latents):
+        """The paper's MSE between proj(base(x_G)) and q, with the --kt_feature_norm / --kt_base_grad variants."""
+        features = self.generated_features(images)
+        if self.feature_norm:
+            features = F.normalize(features, dim=1)
+        if not self.base_grad:
+            features = features.detach()
+        return knowledge_transfer_loss(self.proj(features), latents)
 
     def training_loss(self, x, y):
         loss = self.classification_loss(x, y)
         if self.pair_latents is not None and self.mu > 0:
             images, latents = self.next_pairs()
-            transfer = knowledge_transfer_loss(self.proj(self.generated_features(images)), latents)
+            transfer = self.transfer_loss(images, latents)
             self.transfer_losses.append(transfer.detach())
+            if self.diagnostics:
+                self.record_gradients(loss, self.mu * transfer)
             loss = loss + self.mu * transfer
         return loss
+
+    def record_gradients(self, classification, transfer):
+        """Norms and cosine of the two losses' gradients on the feature extractor's parameters, without
+        touching .grad (the step that follows is the same as without the measurement)."""
+        shared = [p for p in self.model.base.parameters() if p.requires_grad]
+        flat = []
+        for loss in (classification, transfer):
+            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                                   for p, g in zip(shared, grads)]))
+        norms = torch.stack([flat[0].norm(), flat[1].norm()])
+        cosine = (flat[0] @ flat[1]) / norms.prod().clamp_min(1e-12)
+        self.gradient_records.append(torch.cat([norms, cosine.view(1)]).detach())
 
     def scores(self, x):
         return self.model(x) if self.etf is None else etf_cosines(self.model(x), self.etf)

@@ -18,7 +18,7 @@ from flcore.visualize import save_image_grid
 ALIGN_GRAD_CLIP = 100.0
 NORM_REFERENCE_SAMPLES = 256
 ROUND_METRICS = ("align_mmd", "align_centroid", "class_mean_norm", "pair_latent_norm", "valid_latent_norm",
-                 "image_distance", "image_std")
+                 "centroid_shift", "image_distance", "image_std")
 
 
 def to_client_images(images, image_shape):
@@ -57,13 +57,25 @@ def client_step_metrics(clients, clip):
     and the mean (unweighted) transfer loss."""
     norms = [norm for client in clients for norm in client.grad_norms]
     transfer = [loss for client in clients for loss in client.transfer_losses]
+    records = [record for client in clients for record in client.gradient_records]
     metrics = {"client_grad_norm": math.nan, "clipped_fraction": math.nan,
-               "transfer_loss": float(torch.stack(transfer).mean()) if transfer else math.nan}
+               "transfer_loss": float(torch.stack(transfer).mean()) if transfer else math.nan,
+               "classification_grad_norm": math.nan, "transfer_grad_norm": math.nan, "grad_cosine": math.nan}
     if norms:
         norms = torch.stack(norms).float().cpu()
         metrics.update(client_grad_norm=float(norms.mean()),
                        clipped_fraction=float((norms > clip).float().mean()) if clip else 0.0)
+    if records:
+        classification, transfer, cosine = torch.stack(records).float().cpu().mean(0).tolist()
+        metrics.update(classification_grad_norm=classification, transfer_grad_norm=transfer, grad_cosine=cosine)
     return metrics
+
+
+def centroid_shift(previous, latents):
+    """How far the class latents moved since the last round, relative to their size (nan in the first round)."""
+    if previous is None:
+        return math.nan
+    return float((latents - previous).norm(dim=1).mean() / previous.norm(dim=1).mean().clamp_min(1e-12))
 
 
 class ServerKTL(Server):
@@ -118,9 +130,17 @@ class ServerKTL(Server):
             return self.args.margin
         return self.args.margin * round_index / warmup
 
+    def mu_at(self, round_index):
+        """The transfer weight of a round: the full mu, or raised linearly over --mu_warmup rounds."""
+        warmup = self.args.mu_warmup
+        if warmup == 0 or round_index >= warmup:
+            return self.mu
+        return self.mu * round_index / warmup
+
     def send(self, selected):
         for client in selected:
             client.margin = self.margin_at(self.round)
+            client.mu = self.mu_at(self.round)
         if self.pair_latents is None:
             return
         pair_floats = self.pair_images.numel() + self.pair_latents.numel()
@@ -149,20 +169,41 @@ class ServerKTL(Server):
                                   self.torch_generator, ALIGN_GRAD_CLIP, use_mmd=self.args.mmd,
                                   reset_centroids=self.args.centroid_reset,
                                   renderable=self.image_generator.renderable)
+        previous = None if self.pair_latents is None else self.pair_latents[:self.num_classes]
         with timer("generate"):
             # Clients regress the latent that was rendered.
-            self.pair_latents = self.image_generator.renderable(self.centroids.detach().clone())
+            self.pair_latents = self.pair_latents_for(self.centroids.detach())
             self.pair_images = self.generate(self.pair_latents)
+        class_latents = self.pair_latents[:self.num_classes]
         self.round_metrics = {"align_mmd": stats["mmd"], "align_centroid": stats["centroid"],
-                              **self.latent_metrics(prototypes, labels), **image_metrics(self.pair_images),
-                              **steps}
+                              **self.latent_metrics(prototypes, labels),
+                              "centroid_shift": centroid_shift(previous, class_latents),
+                              **image_metrics(self.pair_images[:self.num_classes]), **steps}
         m = self.round_metrics
         tqdm.write(f"round {self.round}: alignment MMD {m['align_mmd']:.4f} | centroid MSE {m['align_centroid']:.4f}"
                    f" | norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
                    f"valid {m['valid_latent_norm']:.2f} | images: pairwise distance {m['image_distance']:.3f}, "
                    f"std {m['image_std']:.3f} | client gradient norm {m['client_grad_norm']:.1f}, "
-                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped, transfer MSE {m['transfer_loss']:.3f}")
+                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped, transfer MSE {m['transfer_loss']:.3f}"
+                   f" | centroid shift {m['centroid_shift']:.3f}")
+        if not math.isnan(m["grad_cosine"]):
+            tqdm.write(f"round {self.round}: feature-extractor gradients: classification "
+                       f"{m['classification_grad_norm']:.2f}, mu * transfer {m['transfer_grad_norm']:.2f}, "
+                       f"cosine {m['grad_cosine']:.3f}")
         self.save_images()
+
+    @torch.no_grad()
+    def pair_latents_for(self, centroids):
+        """The latents to render: each class's centroid first (rows 0..K-1), then --kt_pairs_per_class - 1 more
+        per class, each mixed from the centroid and a fresh valid latent, all made renderable."""
+        latents = [self.image_generator.renderable(centroids.clone())]
+        extra = self.args.kt_pairs_per_class - 1
+        if extra:
+            spread = self.args.kt_pair_spread
+            around = centroids.repeat(extra, 1)
+            mixed = (1 - spread) * around + spread * self.sample_valid(len(around))
+            latents.append(self.image_generator.renderable(mixed))
+        return torch.cat(latents)
 
     @torch.no_grad()
     def latent_metrics(self, prototypes, labels):
@@ -173,12 +214,12 @@ class ServerKTL(Server):
         class_mean_reset(means, mapped, labels.to(mapped.device))
         present = torch.unique(labels)
         return {"class_mean_norm": float(means[present.to(mapped.device)].norm(dim=1).mean()),
-                "pair_latent_norm": float(self.pair_latents.norm(dim=1).mean()),
+                "pair_latent_norm": float(self.pair_latents[:self.num_classes].norm(dim=1).mean()),
                 "valid_latent_norm": self.valid_latent_norm}
 
     @torch.no_grad()
     def generate(self, latents):
-        """One image per class, rendered in batches of -gbs, in the clients' shape and normalization."""
+        """One image per latent, rendered in batches of -gbs, in the clients' shape and normalization."""
         batches = [self.image_generator.render(chunk) for chunk in latents.split(self.args.gen_batch_size)]
         return to_client_images(torch.cat(batches), self.dataset.image_shape)
 
@@ -187,7 +228,7 @@ class ServerKTL(Server):
         if not every or ((self.round + 1) % every and self.round + 1 != self.args.global_rounds):
             return
         folder = os.path.join(self.args.results_dir, run_name(self.args, self.run) + "_images")
-        save_image_grid(os.path.join(folder, f"round_{self.round:04d}.png"), self.pair_images,
+        save_image_grid(os.path.join(folder, f"round_{self.round:04d}.png"), self.pair_images[:self.num_classes],
                         [f"class {c}" for c in range(self.num_classes)])
 
     def extra_state(self):
