@@ -75,19 +75,33 @@ def check_metric(spec):
     return spec
 
 
-def table(runs, rounds=None, metrics=()):
+def tail_accuracy(data, tail, rounds=None):
+    """A run's mean test accuracy over its last `tail` evaluations (up to round `rounds`): less sensitive to
+    one lucky round than the best."""
+    accuracy = data["rs_test_acc"]
+    if rounds is not None:
+        accuracy = accuracy[data["eval_rounds"] <= rounds]
+    return accuracy[-tail:].mean()
+
+
+def table(runs, rounds=None, metrics=(), tail=0):
     order = [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
-    lines = ["| algorithm | best test accuracy (%) | runs | upload / round (M floats) | "
+    tail_header = f" mean test accuracy, last {tail} evaluations (%) |" if tail else ""
+    lines = ["| algorithm | best test accuracy (%) |" + tail_header + " runs | upload / round (M floats) | "
              "download / round (M floats) | s / round |" + "".join(f" {metric_header(m)} |" for m in metrics),
-             "|---|---|---|---|---|---|" + "---|" * len(metrics)]
+             "|---|---|---|---|---|---|" + "---|" * (len(metrics) + bool(tail))]
     for name in order:
         data = runs[name]
         best = np.array([best_accuracy(d, rounds) for d in data]) * 100
+        tail_cell = ""
+        if tail:
+            late = np.array([tail_accuracy(d, tail, rounds) for d in data]) * 100
+            tail_cell = f" {late.mean():.2f} +- {late.std():.2f} |"
         upload = np.mean([d["upload_floats"].mean() for d in data if len(d["upload_floats"])]) / 1e6
         download = np.mean([d["download_floats"].mean() for d in data if len(d["download_floats"])]) / 1e6
         seconds = np.mean([d["round_time"].mean() for d in data if len(d["round_time"])])
         extra = "".join(f" {np.mean([metric_value(d, m) for d in data]):.3f} |" for m in metrics)
-        lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} | {len(data)} | {upload:.4f} | "
+        lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} |{tail_cell} {len(data)} | {upload:.4f} | "
                      f"{download:.4f} | {seconds:.2f} |{extra}")
     return "\n".join(lines)
 
@@ -101,6 +115,8 @@ def main(argv=None):
                    help="per-round measurements to add as columns, mean over runs of: the last round's value "
                         "(name), round R's (name@R) or the mean over rounds (name@mean), e.g. image_distance@0 "
                         "grad_cosine@mean")
+    p.add_argument("--tail", type=int, default=0,
+                   help="add a column: mean test accuracy over each run's last N evaluations (0: none)")
     p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args(argv)
@@ -113,7 +129,10 @@ def main(argv=None):
             return 2
         label = (lambda name: name) if len(args.goal) == 1 else (lambda name: f"{name} [{goal}]")
         runs.update({label(name): data for name, data in found.items()})
-    text = table(runs, args.rounds, args.metrics)
+    if args.tail < 0:
+        print(f"error: --tail must be >= 0, got {args.tail}", file=sys.stderr)
+        return 2
+    text = table(runs, args.rounds, args.metrics, args.tail)
     print(text)
     if args.out:
         with open(args.out + ".tmp", "w") as f:
