@@ -2,16 +2,17 @@
 # The README's evidence for FedKTL at CPU scale: does the knowledge transfer help its clients?
 # Digits (10 clients) and the CIFAR-10 subset of ../shared/data (20 clients), Dirichlet(0.1), HtCPU4, seed 1,
 # 3 runs of 30 rounds (60 for the ETF/margin study), one CPU thread per run; then the markdown tables.
-# Usage: sh system/run_evidence.sh [digits|cifar|etf]...   (default: all three). Runs from any working directory.
+# Usage: sh system/run_evidence.sh [digits|cifar|etf|transfer]...   (default: all four; transfer needs digits and
+# cifar's runs for its tables). Runs from any working directory.
 # Needs the face generator: pip install --no-deps gan-face-generate==1.1.1
 set -e
 cd "$(dirname "$0")"
-PARTS=${*:-"digits cifar etf"}
+PARTS=${*:-"digits cifar etf transfer"}
 CIFAR_NPZ=${CIFAR_NPZ:-../../shared/data/cifar10/cifar10_10k_1000perclass_uint8.npz}
 OUT=../results/evidence
 DATA=../dataset/evidence  # its own folder, so a full CIFAR-10 in dataset/Cifar10 is left alone
 python ../dataset/generate_Digits.py --num-clients 10 --out $DATA/Digits10
-case " $PARTS " in *" cifar "*)
+case " $PARTS " in *" cifar "*|*" transfer "*)
     python ../dataset/generate_Cifar10.py --root "$CIFAR_NPZ" --num-clients 20 --out $DATA/Cifar10 ;;
 esac
 
@@ -52,6 +53,39 @@ for part in $PARTS; do
                     --out "$OUT/Digits10_etf_${r}_rounds.md" --goal local_60 ktl_mu0_60 ktl_mu0_margin0_60 \
                     ktl_mu0_noclip_60
             done ;;
-        *) echo "error: unknown part '$part'; choose from digits, cifar, etf" >&2; exit 2 ;;
+        transfer)  # the transfer-task study: mu dose-response, the task's switches, its gradients (-kdiag)
+            for spec in "Digits10 10" "Cifar10 20"; do
+                set -- $spec
+                run $1 $2 30 ktl_diag FedKTL-stylegan-3 --kt_diagnostics 1 -t 1
+                run $1 $2 30 ktl_mu1 FedKTL-stylegan-3 -mu 1
+                run $1 $2 30 ktl_margin0 FedKTL-stylegan-3 -margin 0
+                run $1 $2 30 ktl_mu0_margin0 FedKTL-stylegan-3 -mu 0 -margin 0
+                run $1 $2 30 ktl_ppc5 FedKTL-stylegan-3 --kt_pairs_per_class 5
+            done
+            for mu in 5 10; do run Digits10 10 30 ktl_mu$mu FedKTL-stylegan-3 -mu $mu; done
+            run Digits10 10 30 ktl_kfn FedKTL-stylegan-3 -kfn 1
+            run Digits10 10 30 ktl_muwarm10 FedKTL-stylegan-3 --mu_warmup 10
+            run Digits10 10 30 ktl_nobasegrad FedKTL-stylegan-3 -kbg 0
+            run Cifar10 20 30 ktl_nobasegrad FedKTL-stylegan-3 -kbg 0 -t 1
+            for ablation in "etf0 -etf 0" "ft0 -ft 0" "mmd0 -mmd 0" "lam0 -lam 0" "cr0 -cr 0" "rp1 -rp 1"; do
+                set -- $ablation
+                goal=$1; shift
+                run Digits10 10 30 ktl_$goal FedKTL-stylegan-3 "$@"
+            done
+            python results_table.py --dataset Digits10 --results_dir "$OUT" --tail 10 --rounds 30 \
+                --out "$OUT/Digits10_transfer_table.md" --goal local ktl_mu0 ktl_mu1 ktl_mu5 ktl_mu10 ktl_dcgan_keep \
+                ktl_margin0 ktl_mu0_margin0 ktl_ppc5 ktl_kfn ktl_muwarm10 ktl_nobasegrad ktl_etf0 ktl_ft0 ktl_mmd0 \
+                ktl_lam0 ktl_cr0 ktl_rp1
+            python results_table.py --dataset Cifar10 --results_dir "$OUT" --tail 10 \
+                --out "$OUT/Cifar10_transfer_table.md" --goal local ktl_mu0 ktl_mu1 ktl_dcgan_keep ktl_margin0 \
+                ktl_mu0_margin0 ktl_ppc5
+            for data in Digits10 Cifar10; do
+                python results_table.py --dataset $data --results_dir "$OUT" --goal ktl_diag ktl_nobasegrad \
+                    --out "$OUT/${data}_transfer_diagnostics.md" --metrics grad_cosine@1 grad_cosine@10 grad_cosine@29 \
+                    classification_grad_norm@1 classification_grad_norm@29 transfer_grad_norm@1 \
+                    transfer_grad_norm@29 transfer_loss@1 transfer_loss@29 centroid_shift@1 centroid_shift@29 \
+                    align_mmd@29 align_centroid@29 image_distance@29
+            done ;;
+        *) echo "error: unknown part '$part'; choose from digits, cifar, etf, transfer" >&2; exit 2 ;;
     esac
 done
