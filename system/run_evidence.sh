@@ -63,8 +63,11 @@ for part in $PARTS; do
                 run $1 $2 30 ktl_ppc5 FedKTL-stylegan-3 --kt_pairs_per_class 5
             done
             for mu in 5 10; do run Digits10 10 30 ktl_mu$mu FedKTL-stylegan-3 -mu $mu; done
-            run Digits10 10 30 ktl_kfn FedKTL-stylegan-3 -kfn 1
-            run Digits10 10 30 ktl_muwarm10 FedKTL-stylegan-3 --mu_warmup 10
+            for spec in "Digits10 10" "Cifar10 20"; do
+                set -- $spec
+                run $1 $2 30 ktl_kfn FedKTL-stylegan-3 -kfn 1
+                run $1 $2 30 ktl_muwarm10 FedKTL-stylegan-3 --mu_warmup 10
+            done
             run Digits10 10 30 ktl_nobasegrad FedKTL-stylegan-3 -kbg 0
             run Cifar10 20 30 ktl_nobasegrad FedKTL-stylegan-3 -kbg 0 -t 1
             for ablation in "etf0 -etf 0" "ft0 -ft 0" "mmd0 -mmd 0" "lam0 -lam 0" "cr0 -cr 0" "rp1 -rp 1"; do
@@ -78,7 +81,7 @@ for part in $PARTS; do
                 ktl_lam0 ktl_cr0 ktl_rp1
             python results_table.py --dataset Cifar10 --results_dir "$OUT" --tail 10 \
                 --out "$OUT/Cifar10_transfer_table.md" --goal local ktl_mu0 ktl_mu1 ktl_dcgan_keep ktl_margin0 \
-                ktl_mu0_margin0 ktl_ppc5
+                ktl_mu0_margin0 ktl_ppc5 ktl_kfn ktl_muwarm10 ktl_nobasegrad
             for data in Digits10 Cifar10; do
                 python results_table.py --dataset $data --results_dir "$OUT" --goal ktl_diag ktl_nobasegrad \
                     --out "$OUT/${data}_transfer_diagnostics.md" --metrics grad_cosine@1 grad_cosine@10 grad_cosine@29 \
