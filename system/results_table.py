@@ -34,12 +34,17 @@ def collect(results_dir, dataset, goal):
     return runs
 
 
-def best_accuracy(data, rounds=None):
-    """A run's best test accuracy over its evaluations, or over those up to round `rounds`."""
+def accuracy_up_to(data, rounds=None):
+    """A run's test accuracies over its evaluations, or over those up to round `rounds`."""
     accuracy = data["rs_test_acc"]
     if rounds is not None:
         accuracy = accuracy[data["eval_rounds"] <= rounds]
-    return accuracy.max()
+    return accuracy
+
+
+def best_accuracy(data, rounds=None):
+    """A run's best test accuracy over its evaluations, or over those up to round `rounds`."""
+    return accuracy_up_to(data, rounds).max()
 
 
 def last_value(data, key):
@@ -78,10 +83,7 @@ def check_metric(spec):
 def tail_accuracy(data, tail, rounds=None):
     """A run's mean test accuracy over its last `tail` evaluations (up to round `rounds`): less sensitive to
     one lucky round than the best."""
-    accuracy = data["rs_test_acc"]
-    if rounds is not None:
-        accuracy = accuracy[data["eval_rounds"] <= rounds]
-    return accuracy[-tail:].mean()
+    return accuracy_up_to(data, rounds)[-tail:].mean()
 
 
 def table(runs, rounds=None, metrics=(), tail=0):
@@ -120,6 +122,9 @@ def main(argv=None):
     p.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
     p.add_argument("--out", default="", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.tail < 0:
+        print(f"error: --tail must be >= 0, got {args.tail}", file=sys.stderr)
+        return 2
     runs = {}
     for goal in args.goal:
         found = collect(args.results_dir, args.dataset, goal)
@@ -129,9 +134,6 @@ def main(argv=None):
             return 2
         label = (lambda name: name) if len(args.goal) == 1 else (lambda name: f"{name} [{goal}]")
         runs.update({label(name): data for name, data in found.items()})
-    if args.tail < 0:
-        print(f"error: --tail must be >= 0, got {args.tail}", file=sys.stderr)
-        return 2
     text = table(runs, args.rounds, args.metrics, args.tail)
     print(text)
     if args.out:

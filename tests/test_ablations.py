@@ -201,7 +201,7 @@ def test_results_table_metric_specs_pick_a_round_or_the_mean():
         results_table.main(["--metrics", "grad_cosine@late"])
 
 
-def test_results_table_tail_column_averages_the_last_evaluations():
+def test_results_table_tail_column_averages_the_last_evaluations(capsys):
     data = {"rs_test_acc": np.array([0.1, 0.5, 0.9, 0.7, 0.6]), "eval_rounds": np.arange(5),
             "upload_floats": np.zeros(4), "download_floats": np.zeros(4), "round_time": np.ones(4)}
     assert results_table.tail_accuracy(data, 3) == pytest.approx((0.9 + 0.7 + 0.6) / 3)
@@ -209,3 +209,4 @@ def test_results_table_tail_column_averages_the_last_evaluations():
     row = results_table.table({"Local": [data]}, tail=3).splitlines()[2]
     assert row.startswith("| Local | 90.00 +- 0.00 | 73.33 +- 0.00 | 1 |")
     assert results_table.main(["--tail", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --tail must be >= 0, got -1"

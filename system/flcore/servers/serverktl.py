@@ -71,6 +71,14 @@ def client_step_metrics(clients, clip):
     return metrics
 
 
+def linear_warmup(value, round_index, warmup_rounds):
+    """`value` scaled by round_index / warmup_rounds during the first warmup_rounds rounds, in full after
+    (and always with warmup_rounds 0)."""
+    if warmup_rounds == 0 or round_index >= warmup_rounds:
+        return value
+    return value * round_index / warmup_rounds
+
+
 def centroid_shift(previous, latents):
     """How far the class latents moved since the last round, relative to their size (nan in the first round)."""
     if previous is None:
@@ -125,17 +133,11 @@ class ServerKTL(Server):
 
     def margin_at(self, round_index):
         """The angular margin of a round: the full -margin, or raised linearly over --margin_warmup rounds."""
-        warmup = self.args.margin_warmup
-        if warmup == 0 or round_index >= warmup:
-            return self.args.margin
-        return self.args.margin * round_index / warmup
+        return linear_warmup(self.args.margin, round_index, self.args.margin_warmup)
 
     def mu_at(self, round_index):
         """The transfer weight of a round: the full mu, or raised linearly over --mu_warmup rounds."""
-        warmup = self.args.mu_warmup
-        if warmup == 0 or round_index >= warmup:
-            return self.mu
-        return self.mu * round_index / warmup
+        return linear_warmup(self.mu, round_index, self.args.mu_warmup)
 
     def send(self, selected):
         for client in selected:
