@@ -8,23 +8,20 @@ import os
 import resource
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "system"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import main  # noqa: E402
-from flcore.errors import UserError  # noqa: E402
-from flcore.options import parse_args  # noqa: E402
-from flcore.results import read_h5, run_name  # noqa: E402
+from flutils import experiment
+from flutils.errors import UserError
+from flutils.options import parse_args
+from flutils.results import read_h5, run_name
 
 PHASES = ("train", "prototypes", "eval", "align", "generate")
 
 
 def measure(argv):
     args = parse_args(argv)
-    main.run_experiment(args)
+    experiment.run_experiment(args)
     data = read_h5(os.path.join(args.results_dir, run_name(args, args.prev) + ".h5"))
     rows = {phase: float(np.mean(data[f"time_{phase}"])) for phase in PHASES if f"time_{phase}" in data}
     rows["whole round"] = float(np.mean(data["round_time"]))

@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from CIFAR-10: 32x32 RGB, 10 classes (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import CIFAR10
+from fldata.cli import run
+from fldata.sources import CIFAR10
 
 
 def main(argv: list[str] | None = None) -> int:

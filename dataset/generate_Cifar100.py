@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from CIFAR-100: 32x32 RGB, 100 classes (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import CIFAR100
+from fldata.cli import run
+from fldata.sources import CIFAR100
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from scikit-learn's 8x8 digits, upsampled to 32x32 RGB (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import DIGITS
+from fldata.cli import run
+from fldata.sources import DIGITS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from Oxford Flowers-102, resized to 64x64 RGB (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import FLOWERS102
+from fldata.cli import run
+from fldata.sources import FLOWERS102
 
 
 def main(argv: list[str] | None = None) -> int:

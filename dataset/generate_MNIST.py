@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from MNIST: 28x28 grayscale, 10 classes (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import MNIST
+from fldata.cli import run
+from fldata.sources import MNIST
 
 
 def main(argv: list[str] | None = None) -> int:

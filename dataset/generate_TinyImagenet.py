@@ -1,8 +1,8 @@
 """Generates a label-skewed federated dataset from Tiny-ImageNet: 64x64 RGB, 200 classes (see README.md)."""
 import sys
 
-from utils.cli import run
-from utils.sources import TINY_IMAGENET
+from fldata.cli import run
+from fldata.sources import TINY_IMAGENET
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,87 +1,12 @@
 """Entry point: heterogeneous federated learning (FedKTL and baselines), clients simulated in one process.
 
 With no flags it runs a small FedKTL experiment offline: Digits (built on the fly from scikit-learn's copy),
-4 clients of the CPU-sized heterogeneous family, and the built-in untrained generator.
+4 clients of the CPU-sized heterogeneous family, and the pre-trained face DCGAN. `python main.py -h` lists every
+flag, grouped by algorithm. The code lives in the installed packages (README "Architecture").
 """
-import json
-import os
 import sys
 
-SYSTEM_DIR = os.path.dirname(os.path.abspath(__file__))
-if SYSTEM_DIR not in sys.path:
-    sys.path.insert(0, SYSTEM_DIR)
-
-import torch  # noqa: E402
-
-from flcore.algorithms import server_class  # noqa: E402
-from flcore.data import load_federated_dataset  # noqa: E402
-from flcore.errors import UserError  # noqa: E402
-from flcore.options import parse_args  # noqa: E402
-from flcore.results import experiment_name, plot_accuracy, run_name, summarize, write_summary  # noqa: E402
-from flcore.trainmodel import family_models  # noqa: E402
-
-
-def resolve_device(args):
-    if args.device == "cuda":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{args.device_id}")
-        print("CUDA is not available here: running on the CPU (pass -dev cpu to silence this).")
-    return torch.device("cpu")
-
-
-def run_experiment(args):
-    """All runs of one configuration; returns the summary over runs."""
-    threads = torch.get_num_threads()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    try:
-        return run_all(args)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
-
-
-def run_all(args):
-    """Every run of the configuration, then the summary over them (see run_experiment)."""
-    device = resolve_device(args)
-    server_cls = server_class(args.algorithm)
-    try:
-        family = family_models(args.model_family)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    dataset = load_federated_dataset(args)
-    print(f"{args.algorithm} on {args.dataset} ({args.num_clients} clients, image {dataset.image_shape}), "
-          f"family {args.model_family} = {family}, {args.global_rounds} rounds, device {device}")
-
-    histories = []
-    for run in range(args.prev, args.times):
-        server = server_cls(args, dataset, run, device)
-        if args.resume:
-            server.resume()
-        history = server.train()
-        path = os.path.join(args.results_dir, run_name(args, run) + ".h5")
-        history.write_h5(path, {"args": json.dumps(vars(args), sort_keys=True), "run": run, "seed": server.seed})
-        print(f"run {run}: results written to {path}")
-        histories.append(history)
-
-    summary = summarize(histories)
-    name = experiment_name(args)
-    write_summary(os.path.join(args.results_dir, name + ".json"), summary)
-    plot_path = os.path.join(args.results_dir, name + ".png")
-    plot_accuracy(plot_path, histories, name)
-    print(f"best test accuracy over {summary['runs']} run(s): {summary['best_acc_mean'] * 100:.2f} "
-          f"+- {summary['best_acc_std'] * 100:.2f} %; {summary['seconds_per_round']:.2f} s per round; "
-          f"curve: {plot_path}")
-    return summary
-
-
-def main(argv=None):
-    try:
-        run_experiment(parse_args(argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+from flutils.experiment import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,23 +1,15 @@
-"""Puts the project's script folders on sys.path, as running their scripts does, and shares fixtures."""
-import os
-import sys
-
+"""Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for sub in ("system", "dataset", "stylegan"):
-    path = os.path.join(REPO, sub)
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from fldata.cli import run as run_generation
+from fldata.sources import DIGITS
 
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
     """A 4-client federated Digits dataset (Dirichlet 0.1), made once per test session."""
-    import generate_Digits
-
     root = tmp_path_factory.mktemp("datasets")
-    assert generate_Digits.main(["--num-clients", "4", "--out", str(root / "Digits")]) == 0
+    assert run_generation(DIGITS, ["--num-clients", "4", "--out", str(root / "Digits")]) == 0
     return root
 
 

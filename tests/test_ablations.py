@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import generate_Digits
-import main
-import results_table
-from flcore.data import load_federated_dataset
 from flcore.ktl_ops import etf_cosines
-from flcore.options import parse_args
 from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from fldata.cli import run as run_generation
+from fldata.sources import DIGITS
+from flutils import experiment, results_table
+from flutils.data import load_federated_dataset
+from flutils.options import parse_args
 
 FAST_SERVER = ["-se", "5", "-sbs", "8"]
 
@@ -145,11 +145,11 @@ def test_shots_keep_k_samples_per_class(small_run):
 
 def test_cloud_edge_single_client_k_shot(tmp_path):
     root = tmp_path / "data"
-    assert generate_Digits.main(["--num-clients", "1", "--partition", "iid", "--out", str(root / "Digits")]) == 0
+    assert run_generation(DIGITS, ["--num-clients", "1", "--partition", "iid", "--out", str(root / "Digits")]) == 0
     argv = ["-data", "Digits", "-nb", "10", "-nc", "1", "-m", "cnn4", "-dev", "cpu", "-fd", "64", "--shots", "5",
             "-algo", "FedKTL-stylegan-3", "-gr", "2", *FAST_SERVER, "--dataset_dir", str(root),
             "--results_dir", str(tmp_path / "results")]
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = results_table.read_h5(str(tmp_path / "results" / "Digits_FedKTL-stylegan-3_test_0.h5"))
     assert np.all(data["upload_floats"] == 10 * 10), "one client uploads a K-dim prototype for each of 10 classes"
     assert len(data["rs_test_acc"]) == 3 and data["rs_test_acc"].max() > 0.1
@@ -157,7 +157,7 @@ def test_cloud_edge_single_client_k_shot(tmp_path):
 
 def test_results_table_summarizes_runs(small_run, capsys):
     argv = small_run("-algo", "Local", "-gr", "1", "-t", "2", "-go", "table")
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     results = argv[argv.index("--results_dir") + 1]
     capsys.readouterr()
     out_file = os.path.join(results, "table.md")
@@ -173,7 +173,7 @@ def test_results_table_summarizes_runs(small_run, capsys):
 
 def test_results_table_scores_early_rounds_and_several_goals(small_run, capsys):
     for goal, rounds in (("short", "2"), ("long", "3")):
-        assert main.main(small_run("-algo", "Local", "-gr", rounds, "-go", goal)) == 0
+        assert experiment.main(small_run("-algo", "Local", "-gr", rounds, "-go", goal)) == 0
     results = small_run()[small_run().index("--results_dir") + 1]
     capsys.readouterr()
     assert results_table.main(["--dataset", "Digits", "--goal", "short", "long", "--rounds", "1",

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
 from flcore.algorithms import server_class
-from flcore.data import load_federated_dataset
-from flcore.errors import UserError
-from flcore.options import parse_args
-from flcore.results import read_h5
 from flcore.servers.serverbase import PhaseTimer
 from flcore.trainmodel import build_model
+from flutils import experiment
+from flutils.data import load_federated_dataset
+from flutils.errors import UserError
+from flutils.options import parse_args
+from flutils.results import read_h5
 
 K, FEATURE_DIM, NOISE_DIM, HIDDEN_DIM = 10, 64, 32, 32
 # Few shots, one thread (much faster than two on a busy 2-core machine), a small generator: a few seconds a run.
@@ -67,7 +67,7 @@ def expected_floats(algorithm, dataset):
 @pytest.mark.parametrize("algorithm", ["FedDistill", "FD", "FML", "LG-FedAvg", "LG", "FedGen"])
 def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, algorithm):
     argv = small_run("-algo", algorithm, "-gr", "2", *FAST)
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = results_of(argv, algorithm)
     # After sending the averaged heads, heterogeneous clients start slowly (LG, FedGen): above chance and learning.
     assert data["rs_test_acc"].max() > 0.1, "should beat chance (0.1) on label-skewed Digits"
@@ -237,7 +237,7 @@ class Interrupted(Exception):
 @pytest.mark.parametrize("algorithm", ["FedGen", "FML"])
 def test_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp_path, monkeypatch, algorithm):
     reference = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck_ref"))
-    assert main.main(reference) == 0
+    assert experiment.main(reference) == 0
     expected = results_of(reference, algorithm)
 
     argv = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck"))
@@ -252,9 +252,9 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp
 
     monkeypatch.setattr(cls, "server_round", stop_in_round_one)
     with pytest.raises(Interrupted):
-        main.main(argv)
+        experiment.main(argv)
     monkeypatch.undo()
-    assert main.main(argv + ["--resume"]) == 0
+    assert experiment.main(argv + ["--resume"]) == 0
     resumed = results_of(argv, algorithm)
     keys = ["rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats", "eval_rounds"]
     for key in keys + (["generator_loss"] if algorithm == "FedGen" else []):

@@ -8,18 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import main
 from flcore.algorithms import server_class
 from flcore.clients.clientkd import kept_rank, packed_floats, shared_state, svd_compress, svd_decompress
 from flcore.clients.clientproto import ClientFedProto
 from flcore.clients.clienttgp import ClientFedTGP
-from flcore.data import ClientData, load_federated_dataset
-from flcore.errors import UserError
-from flcore.options import parse_args
-from flcore.results import read_h5
 from flcore.servers.serverbase import PhaseTimer, Server
 from flcore.servers.servertgp import adaptive_margin
 from flcore.trainmodel import BaseHeadSplit
+from flutils import experiment
+from flutils.data import ClientData, load_federated_dataset
+from flutils.errors import UserError
+from flutils.options import parse_args
+from flutils.results import read_h5
 
 D = 64  # small_run's feature dimension
 K = 10
@@ -36,7 +36,7 @@ def results_of(argv, algorithm):
 
 def run_two_rounds(small_run, algorithm, *extra):
     argv = small_run("-algo", algorithm, "-gr", "2", *extra)
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = results_of(argv, algorithm)
     assert data["rs_test_acc"].max() > 0.1, f"{algorithm} should beat chance (0.1) on Digits"
     assert len(data["upload_floats"]) == 2
@@ -269,7 +269,7 @@ def test_fedgh_refuses_a_non_linear_head(small_run):
                                             (("--mentee_model", "nope"), "unknown model"),
                                             (("-mlr", "0"), "-mlr")])
 def test_fedkd_bad_flags(small_run, capsys, flags, fragment):
-    assert main.main(small_run("-algo", "FedKD", *flags)) == 2
+    assert experiment.main(small_run("-algo", "FedKD", *flags)) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0]
 
@@ -289,7 +289,7 @@ def test_fedtgp_resume_after_an_interruption_equals_an_uninterrupted_run(small_r
         return flags
 
     reference = argv("reference")
-    assert main.main(reference) == 0
+    assert experiment.main(reference) == 0
     expected = results_of(reference, "FedTGP")
 
     save = Server.save_checkpoint
@@ -302,11 +302,11 @@ def test_fedtgp_resume_after_an_interruption_equals_an_uninterrupted_run(small_r
     monkeypatch.setattr(Server, "save_checkpoint", save_then_stop)
     interrupted = argv("interrupted")
     with pytest.raises(Interrupted):
-        main.main(interrupted)
+        experiment.main(interrupted)
     monkeypatch.undo()
     assert not os.path.exists(tmp_path / "interrupted" / "Digits_FedTGP_test_0.h5")
 
-    assert main.main(interrupted + ["--resume"]) == 0
+    assert experiment.main(interrupted + ["--resume"]) == 0
     resumed = results_of(interrupted, "FedTGP")
     for key in COMPARED:
         np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import generate_Cifar10
-import generate_Digits
-import generate_MNIST
-import utils.dataset_io
-from utils.cli import DATASET_DIR, build_parser
-from utils.dataset_io import LABEL_STATS_KEY
-from utils.errors import DatasetError
-from utils.sources import DIGITS, TINY_IMAGENET, load_source
+import fldata.dataset_io
+from fldata.cli import DATASET_DIR, build_parser, run
+from fldata.dataset_io import LABEL_STATS_KEY
+from fldata.errors import DatasetError
+from fldata.sources import CIFAR10, DIGITS, MNIST, TINY_IMAGENET, load_source
 
 NUM_DIGITS = 1797
 CONFIG_KEYS = {"dataset", "num_clients", "num_classes", "partition", "alpha", "class_per_client", "balance",
@@ -26,8 +23,8 @@ CONFIG_KEYS = {"dataset", "num_clients", "num_classes", "partition", "alpha", "c
                "params"}
 
 
-def generate(script, out, *flags):
-    return script.main(["--out", str(out), *flags])
+def generate(spec, out, *flags):
+    return run(spec, ["--out", str(out), *flags])
 
 
 def read_config(out):
@@ -70,7 +67,7 @@ def assert_one_line_error(stderr, fragment):
 def digits_out(tmp_path_factory):
     """Digits over 5 clients with the default dir partition, generated once for read-only checks."""
     out = tmp_path_factory.mktemp("digits") / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "5") == 0
+    assert generate(DIGITS, out, "--num-clients", "5") == 0
     return out
 
 
@@ -124,23 +121,23 @@ def test_archives_hold_plain_arrays(digits_out):
 
 def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
     flags = ("--num-clients", "4", "--partition", "pat", "--seed", "7")
-    assert generate(generate_Digits, tmp_path / "a", *flags) == 0
-    assert generate(generate_Digits, tmp_path / "b", *flags) == 0
+    assert generate(DIGITS, tmp_path / "a", *flags) == 0
+    assert generate(DIGITS, tmp_path / "b", *flags) == 0
     first = file_bytes(tmp_path / "a")
     assert len(first) == 9 and first == file_bytes(tmp_path / "b")
-    assert generate(generate_Digits, tmp_path / "c", *flags[:-1], "8") == 0
+    assert generate(DIGITS, tmp_path / "c", *flags[:-1], "8") == 0
     assert file_bytes(tmp_path / "c")["train/0.npz"] != first["train/0.npz"]
 
 
 def test_identical_rerun_is_skipped_and_changed_params_regenerate(tmp_path, capsys):
     out = tmp_path / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before, contents = mtimes(out), file_bytes(out)
     capsys.readouterr()
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     assert "up to date" in capsys.readouterr().out
     assert mtimes(out) == before
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid", "--balance", "1") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid", "--balance", "1") == 0
     assert "wrote 4 clients" in capsys.readouterr().out
     config = read_config(out)
     assert config["balance"] is True and config["params"]["balance"] is True
@@ -151,17 +148,17 @@ def test_identical_rerun_is_skipped_and_changed_params_regenerate(tmp_path, caps
 
 def test_missing_client_file_regenerates(tmp_path):
     out = tmp_path / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     os.remove(out / "test" / "3.npz")
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     assert (out / "test" / "3.npz").is_file()
 
 
 def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, capsys):
     out = tmp_path / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)
-    real_save = utils.dataset_io.save_npz
+    real_save = fldata.dataset_io.save_npz
     calls = []
 
     def failing_save(path, **arrays):
@@ -170,8 +167,8 @@ def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, c
             raise OSError("disk full")
         real_save(path, **arrays)
 
-    monkeypatch.setattr(utils.dataset_io, "save_npz", failing_save)
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid", "--seed", "2") == 2
+    monkeypatch.setattr(fldata.dataset_io, "save_npz", failing_save)
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid", "--seed", "2") == 2
     assert_one_line_error(capsys.readouterr().err, "disk full")
     assert file_bytes(out) == before
     assert sorted(os.listdir(tmp_path)) == ["Digits"]  # the staging folder is gone
@@ -179,26 +176,26 @@ def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, c
 
 def test_failed_partition_leaves_the_dataset_untouched(tmp_path, capsys):
     out = tmp_path / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "4", "--partition", "iid") == 0
+    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)
-    assert generate(generate_Digits, out, "--num-clients", "900", "--partition", "iid", "--balance", "1") == 2
+    assert generate(DIGITS, out, "--num-clients", "900", "--partition", "iid", "--balance", "1") == 2
     assert_one_line_error(capsys.readouterr().err, "lower --num-clients or change --train-ratio")
     assert file_bytes(out) == before
 
 
 def test_regeneration_keeps_rawdata_and_refuses_foreign_folders(tmp_path, capsys):
     out = tmp_path / "Digits"
-    assert generate(generate_Digits, out, "--num-clients", "4") == 0
+    assert generate(DIGITS, out, "--num-clients", "4") == 0
     (out / "rawdata").mkdir()
     (out / "rawdata" / "archive.bin").write_bytes(b"downloaded")
-    assert generate(generate_Digits, out, "--num-clients", "5") == 0
+    assert generate(DIGITS, out, "--num-clients", "5") == 0
     assert (out / "rawdata" / "archive.bin").read_bytes() == b"downloaded"
     assert read_config(out)["num_clients"] == 5
 
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    assert generate(generate_Digits, foreign, "--num-clients", "4") == 2
+    assert generate(DIGITS, foreign, "--num-clients", "4") == 2
     assert_one_line_error(capsys.readouterr().err, "pass a new or empty folder")
     assert os.listdir(foreign) == ["todo.txt"]
 
@@ -221,7 +218,7 @@ def test_root_image_folder(tmp_path):
                                                    format="BMP" if extension == "bmp" else "PNG")
         (folder / "README.txt").write_text("not an image")
     out = tmp_path / "out"
-    assert generate(generate_Digits, out, "--root", str(root), "--partition", "iid", "--num-clients", "4",
+    assert generate(DIGITS, out, "--root", str(root), "--partition", "iid", "--num-clients", "4",
                     "--balance", "1") == 0
     config = read_config(out)
     assert [a + b for a, b in zip(config["train_sizes"], config["test_sizes"])] == [10, 10, 10, 10]
@@ -240,7 +237,7 @@ def test_root_folder_with_wrong_class_count_is_rejected(tmp_path, capsys):
     for name in ("cat", "dog"):
         (root / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / name / "a.png")
-    assert generate(generate_Digits, tmp_path / "out", "--root", str(root)) == 2
+    assert generate(DIGITS, tmp_path / "out", "--root", str(root)) == 2
     assert_one_line_error(capsys.readouterr().err, "has 2 class folders, Digits needs 10")
     assert not (tmp_path / "out").exists()
 
@@ -294,7 +291,7 @@ def test_npz_roots_for_rgb_and_grayscale_scripts(tmp_path):
     labels = np.repeat(np.arange(10), 20).astype(np.uint8)
     rgb = tmp_path / "cifar.npz"
     np.savez_compressed(rgb, x=rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), y=labels)
-    assert generate(generate_Cifar10, tmp_path / "c10", "--root", str(rgb), "--partition", "pat",
+    assert generate(CIFAR10, tmp_path / "c10", "--root", str(rgb), "--partition", "pat",
                     "--num-clients", "5") == 0
     config = read_config(tmp_path / "c10")
     assert config["image_shape"] == [3, 32, 32] and config["dataset"] == "Cifar10"
@@ -303,14 +300,14 @@ def test_npz_roots_for_rgb_and_grayscale_scripts(tmp_path):
 
     gray = tmp_path / "mnist.npz"
     np.savez(gray, x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), y=labels)
-    assert generate(generate_MNIST, tmp_path / "mnist", "--root", str(gray), "--partition", "iid",
+    assert generate(MNIST, tmp_path / "mnist", "--root", str(gray), "--partition", "iid",
                     "--num-clients", "4") == 0
     x, _ = read_client(tmp_path / "mnist", "train", 0)
     assert read_config(tmp_path / "mnist")["image_shape"] == [1, 28, 28] and x.shape[1:] == (1, 28, 28)
 
     small = tmp_path / "small.npz"  # 16x16 gray is resized and repeated to Digits' 3x32x32
     np.savez(small, x=np.full((40, 16, 16), 255, np.uint8), y=np.repeat(np.arange(10), 4))
-    assert generate(generate_Digits, tmp_path / "digits", "--root", str(small), "--partition", "iid",
+    assert generate(DIGITS, tmp_path / "digits", "--root", str(small), "--partition", "iid",
                     "--num-clients", "4") == 0
     x, _ = read_client(tmp_path / "digits", "train", 0)
     assert x.shape[1:] == (3, 32, 32) and np.all(x == 1.0)
@@ -325,7 +322,7 @@ def test_npz_roots_for_rgb_and_grayscale_scripts(tmp_path):
 def test_bad_npz_roots(tmp_path, capsys, arrays, fragment):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    assert generate(generate_Digits, tmp_path / "out", "--root", str(path)) == 2
+    assert generate(DIGITS, tmp_path / "out", "--root", str(path)) == 2
     assert_one_line_error(capsys.readouterr().err, fragment)
 
 
@@ -343,14 +340,14 @@ def test_root_in_torchvision_mnist_layout(tmp_path):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", np.repeat(labels * 25, 28 * 28).reshape(count, 28, 28))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     out = tmp_path / "out"
-    assert generate(generate_MNIST, out, "--root", str(tmp_path), "--partition", "iid", "--num-clients", "2") == 0
+    assert generate(MNIST, out, "--root", str(tmp_path), "--partition", "iid", "--num-clients", "2") == 0
     assert sum(read_config(out)["train_sizes"]) + sum(read_config(out)["test_sizes"]) == 30
     x, y = read_client(out, "train", 0)
     assert np.allclose(pixels(x[:, 0, 0, 0]), y * 25, atol=0.01)
 
 
 def test_default_output_is_next_to_the_scripts():
-    assert DATASET_DIR == os.path.dirname(os.path.abspath(generate_Digits.__file__))
+    assert os.path.isfile(os.path.join(DATASET_DIR, "generate_Digits.py"))
     help_text = " ".join(build_parser(DIGITS).format_help().split())
     assert os.path.join(DATASET_DIR, "Digits") in help_text.replace(" ", "")
     assert "--download" not in help_text  # Digits needs none

@@ -9,17 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-from flcore.data import load_federated_dataset
-from flcore.errors import UserError
 from flcore.generators import dcgan
-from flcore.generators.dcgan import (DCGANGenerator, DCGANLoadError, GaussianLatents, face_dcgan_weights_path,
-                                     load_dcgan_checkpoint, rescale_to_norm, typical_gaussian_norm)
-from flcore.options import parse_args
-from flcore.results import read_h5
+from flcore.generators.dcgan import (
+    DCGANGenerator,
+    DCGANLoadError,
+    GaussianLatents,
+    face_dcgan_weights_path,
+    load_dcgan_checkpoint,
+    rescale_to_norm,
+    typical_gaussian_norm,
+)
 from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl import image_metrics
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
+from flutils import experiment
+from flutils.data import load_federated_dataset
+from flutils.errors import UserError
+from flutils.options import parse_args
+from flutils.results import read_h5
 
 WEIGHTS = face_dcgan_weights_path()
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason=f"install the face generator: {dcgan.FACE_DCGAN_INSTALL}")
@@ -204,7 +211,7 @@ def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, tmp_path):
     random_dcgan_checkpoint(tmp_path / "g.tar")
     argv = small_run("-algo", "FedKTL-stylegan-3", "-gr", "2", "-se", "3", "-sbs", "8", "-GPath",
                      str(tmp_path / "g.tar"), "--image_every", "0")
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = read_h5(os.path.join(argv[argv.index("--results_dir") + 1], "Digits_FedKTL-stylegan-3_test_0.h5"))
     for key in ("class_mean_norm", "pair_latent_norm", "valid_latent_norm", "image_distance", "image_std"):
         assert len(data[key]) == 2 and all(math.isfinite(v) for v in data[key]), key

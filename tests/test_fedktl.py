@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-import main
 from compact_stylegan import CompactGenerator
-from flcore.data import load_federated_dataset
-from flcore.errors import UserError
 from flcore.ktl_ops import arc_margin_loss, etf_cosines
-from flcore.options import parse_args
-from flcore.results import read_h5
 from flcore.servers.serverktl import to_client_images
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
 from flcore.servers.serverktl_stylegan_xl import ServerKTLStyleGANXL
+from flutils import experiment
+from flutils.data import load_federated_dataset
+from flutils.errors import UserError
+from flutils.options import parse_args
+from flutils.results import read_h5
 from generator_io import save_generator_pickle
 
 MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "system", "main.py")
@@ -102,7 +102,7 @@ def test_clients_get_proj_once_and_count_downloads(small_run):
 
 def test_three_rounds_end_to_end(small_run):
     argv = small_run("-algo", "FedKTL-stylegan-3", "-gr", "3", *FAST_SERVER)
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = read_h5(os.path.join(results_dir(argv), "Digits_FedKTL-stylegan-3_test_0.h5"))
     assert data["rs_test_acc"].max() > 0.2, "FedKTL should beat chance (0.1) on label-skewed Digits"
     assert {"align_mmd", "align_centroid", "time_align", "time_generate", "time_prototypes"} <= set(data)
@@ -178,7 +178,7 @@ COMPARED = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "dow
 
 def test_resume_after_a_kill_between_rounds_equals_an_uninterrupted_run(small_run, tmp_path):
     reference = ktl_argv(small_run, tmp_path / "ck_ref")
-    assert main.main(reference) == 0
+    assert experiment.main(reference) == 0
     expected = read_h5(os.path.join(results_dir(reference), "Digits_FedKTL-stylegan-3_test_0.h5"))
 
     argv = ktl_argv(small_run, tmp_path / "ck")
@@ -193,7 +193,7 @@ def test_resume_after_a_kill_between_rounds_equals_an_uninterrupted_run(small_ru
     assert checkpoint.exists(), "the run should have checkpointed its first round"
     assert not os.path.exists(tmp_path / "resumed" / "Digits_FedKTL-stylegan-3_test_0.h5"), "killed before the end"
 
-    assert main.main(argv + ["--resume"]) == 0
+    assert experiment.main(argv + ["--resume"]) == 0
     resumed = read_h5(os.path.join(tmp_path / "resumed", "Digits_FedKTL-stylegan-3_test_0.h5"))
     for key in COMPARED:
         np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
@@ -201,10 +201,10 @@ def test_resume_after_a_kill_between_rounds_equals_an_uninterrupted_run(small_ru
 
 def test_resume_refuses_other_flags(small_run, tmp_path):
     argv = ktl_argv(small_run, tmp_path / "ck", rounds=1)
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     changed = argv + ["--resume", "-lr", "0.5"]
     with pytest.raises(UserError, match="local_learning_rate"):
-        main.run_experiment(parse_args(changed))
+        experiment.run_experiment(parse_args(changed))
 
 
 def test_checkpoint_write_is_atomic(small_run, tmp_path, monkeypatch):
@@ -232,16 +232,16 @@ def test_checkpoint_write_is_atomic(small_run, tmp_path, monkeypatch):
 def test_a_finished_run_extended_with_more_rounds_equals_a_longer_run(small_run, tmp_path, eval_gap):
     longer = small_run("-algo", "FedKTL-stylegan-3", "-gr", "3", "-eg", eval_gap, *FAST_SERVER,
                        "--image_every", "0")
-    assert main.main(longer) == 0
+    assert experiment.main(longer) == 0
     expected = read_h5(os.path.join(results_dir(longer), "Digits_FedKTL-stylegan-3_test_0.h5"))
 
     short = longer + ["-sfn", str(tmp_path / "ck")]
     short[short.index("-gr") + 1] = "1"
     short[short.index("--results_dir") + 1] = str(tmp_path / "extended")
-    assert main.main(short) == 0
+    assert experiment.main(short) == 0
     extended = list(short)
     extended[extended.index("-gr") + 1] = "3"
-    assert main.main(extended + ["--resume"]) == 0
+    assert experiment.main(extended + ["--resume"]) == 0
     resumed = read_h5(os.path.join(tmp_path / "extended", "Digits_FedKTL-stylegan-3_test_0.h5"))
     for key in COMPARED:
         np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

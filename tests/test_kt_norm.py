@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from flcore.batchnorm import AuxiliaryBatchNorm, batchnorm_layers, running_stats_untouched
-from flcore.data import load_federated_dataset
-from flcore.options import parse_args
 from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from flutils.data import load_federated_dataset
+from flutils.options import parse_args
 
 BN_CLIENT, LAYERNORM_CLIENT = 0, 3  # HtCPU4: tiny_cnn (BatchNorm), tiny_mixer (LayerNorm only)
 

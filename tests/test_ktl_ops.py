@@ -5,9 +5,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.ktl_ops import (FeatureTransformer, align_domains, arc_margin_logits,
-                            arc_margin_loss, class_mean_reset, etf_cosines,
-                            knowledge_transfer_loss, mmd_rbf, prototype_batches, simplex_etf)
+from flcore.ktl_ops import (
+    FeatureTransformer,
+    align_domains,
+    arc_margin_logits,
+    arc_margin_loss,
+    class_mean_reset,
+    etf_cosines,
+    knowledge_transfer_loss,
+    mmd_rbf,
+    prototype_batches,
+    simplex_etf,
+)
 
 
 def seeded(seed):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import main
-from flcore.data import load_federated_dataset
-from flcore.options import parse_args
-from flcore.results import read_h5
 from flcore.servers.serverlocal import ServerLocal
+from flutils import experiment
+from flutils.data import load_federated_dataset
+from flutils.options import parse_args
+from flutils.results import read_h5
 
 MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "system", "main.py")
 H5_KEYS = {"rs_test_acc", "rs_test_auc", "rs_test_acc_std", "rs_train_loss", "eval_rounds", "round_time",
@@ -25,7 +25,7 @@ def results_of(argv):
 
 def test_local_two_rounds_end_to_end(small_run):
     argv = small_run("-algo", "Local", "-gr", "2", "-t", "2")
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     results = results_of(argv)
     runs = [read_h5(os.path.join(results, f"Digits_Local_test_{r}.h5")) for r in range(2)]
     for data in runs:
@@ -43,9 +43,9 @@ def test_local_two_rounds_end_to_end(small_run):
 
 def test_same_seed_gives_the_same_run(small_run):
     first = small_run("-algo", "Local", "-gr", "1")
-    assert main.main(first) == 0
+    assert experiment.main(first) == 0
     again = read_h5(os.path.join(results_of(first), "Digits_Local_test_0.h5"))
-    assert main.main(first) == 0
+    assert experiment.main(first) == 0
     assert np.array_equal(read_h5(os.path.join(results_of(first), "Digits_Local_test_0.h5"))["rs_test_acc"],
                           again["rs_test_acc"])
 
@@ -93,14 +93,14 @@ def test_learning_rate_decay(small_run):
 
 def test_auto_break_stops_when_accuracy_stalls(small_run):
     argv = small_run("-algo", "Local", "-gr", "20", "-ab", "1", "-tc", "1", "-lr", "1e-12")
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = read_h5(os.path.join(results_of(argv), "Digits_Local_test_0.h5"))
     assert len(data["rs_test_acc"]) < 21
 
 
 def test_eval_gap(small_run):
     argv = small_run("-algo", "Local", "-gr", "3", "-eg", "2")
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     assert list(read_h5(os.path.join(results_of(argv), "Digits_Local_test_0.h5"))["eval_rounds"]) == [0, 2, 3]
 
 
@@ -156,5 +156,5 @@ def test_client_without_training_data(small_run, broken_copy):
 def test_cuda_falls_back_to_cpu(small_run, capsys):
     argv = small_run("-algo", "Local", "-gr", "0")
     argv[argv.index("-dev") + 1] = "cuda"
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     assert "CUDA is not available here: running on the CPU" in capsys.readouterr().out

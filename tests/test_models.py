@@ -8,9 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from flcore.trainmodel import (FAMILIES, BaseHeadSplit, build_family_model, build_model, family_models, list_models,
-                               register_model)
-from flcore.trainmodel import families, registry
+from flcore.trainmodel import (
+    FAMILIES,
+    BaseHeadSplit,
+    build_family_model,
+    build_model,
+    families,
+    family_models,
+    list_models,
+    register_model,
+    registry,
+)
 
 NUM_CLASSES = 3
 VIT_MODELS = ("vit_b_16", "vit_b_32")

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-from flcore.errors import UserError
-from flcore.options import parse_args, str2bool
+from flutils.errors import UserError
+from flutils.options import parse_args, str2bool
 
 REFERENCE_FLAGS = ["-data", "-nb", "-m", "-algo", "-gr", "-nc", "-jr", "-rjr", "-lbs", "-ls", "-lr", "-ld", "-ldg",
                    "-fd", "-eg", "-t", "-pv", "-ab", "-go", "-dev", "-did", "-sfn", "-cdr", "-tsr", "-ssr", "-slr",
@@ -29,7 +29,7 @@ def test_boolean_flags_parse_zero_as_false():
 
 
 def test_every_reference_flag_is_accepted():
-    parser_help = __import__("flcore.options", fromlist=["build_parser"]).build_parser().format_help()
+    parser_help = __import__("flutils.options", fromlist=["build_parser"]).build_parser().format_help()
     for flag in REFERENCE_FLAGS:
         assert f"{flag} " in parser_help or f"{flag}," in parser_help, flag
 

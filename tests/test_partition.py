@@ -1,12 +1,12 @@
-"""Label-skew partitions (dataset/utils/partition.py) and the per-client train/test split."""
+"""Label-skew partitions (dataset/fldata/partition.py) and the per-client train/test split."""
 import time
 
 import numpy as np
 import pytest
 
-from utils.dataset_io import split_train_test
-from utils.errors import DatasetError
-from utils.partition import PARTITIONS, PartitionError, default_min_samples, partition_indices
+from fldata.dataset_io import split_train_test
+from fldata.errors import DatasetError
+from fldata.partition import PARTITIONS, PartitionError, default_min_samples, partition_indices
 
 NUM_CLASSES = 10
 

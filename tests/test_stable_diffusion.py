@@ -17,16 +17,17 @@ pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-import main  # noqa: E402
-from flcore.data import load_federated_dataset  # noqa: E402
-from flcore.errors import UserError  # noqa: E402
 from flcore.generators.dcgan import typical_gaussian_norm  # noqa: E402
-from flcore.options import REPO_ROOT, parse_args  # noqa: E402
-from flcore.results import read_h5  # noqa: E402
 from flcore.servers.serverbase import PhaseTimer  # noqa: E402
 from flcore.servers.serverktl import to_client_images  # noqa: E402
 from flcore.servers.serverktl_stable_diffusion import ServerKTLStableDiffusion  # noqa: E402
-from pipelines.pipeline import LatentsToImagePipeline  # noqa: E402
+from flutils import experiment
+from flutils.data import load_federated_dataset  # noqa: E402
+from flutils.errors import UserError  # noqa: E402
+from flutils.options import parse_args  # noqa: E402
+from flutils.paths import REPO_ROOT  # noqa: E402
+from flutils.results import read_h5  # noqa: E402
+from sd_pipelines.pipeline import LatentsToImagePipeline  # noqa: E402
 
 # One small client model and large batches keep the runs short; the generator is what is tested here.
 FAST = ["-m", "tiny_cnn", "-lbs", "100", "-se", "5", "-sbs", "8", "--sd_steps", "2", "--image_every", "0"]
@@ -220,7 +221,7 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
 def test_two_rounds_end_to_end(sd_argv):
     argv = sd_argv("-gr", "2")
     results = argv[argv.index("--results_dir") + 1]
-    assert main.main(argv) == 0
+    assert experiment.main(argv) == 0
     data = read_h5(os.path.join(results, RESULTS + ".h5"))
     assert len(data["align_mmd"]) == 2 and np.all(np.isfinite(data["align_mmd"]))
     assert len(data["rs_test_acc"]) == 3 and np.all(np.isfinite(data["rs_train_loss"][1:]))
@@ -264,7 +265,7 @@ def incomplete_copy(tiny_path, tmp_path, remove):
                                           ("scheduler", "scheduler/scheduler_config.json")])
 def test_incomplete_folder_names_the_missing_part(tiny_path, tmp_path, sd_argv, capsys, remove, named):
     argv = sd_argv("-gr", "1", path=incomplete_copy(tiny_path, tmp_path, remove))
-    assert main.main(argv) == 2
+    assert experiment.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "v1.5/README.md" in lines[0], lines
     assert not os.path.exists(argv[argv.index("--results_dir") + 1])

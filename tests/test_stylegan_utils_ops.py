@@ -15,9 +15,15 @@ import generator_io
 generator_io.add_stylegan_utils_to_path()
 
 from torch_utils import misc  # noqa: E402
-from torch_utils.ops import (bias_act, conv2d_gradfix, conv2d_resample, filtered_lrelu, fma,  # noqa: E402
-                             grid_sample_gradfix, upfirdn2d)
-
+from torch_utils.ops import (  # noqa: E402
+    bias_act,
+    conv2d_gradfix,
+    conv2d_resample,
+    filtered_lrelu,
+    fma,
+    grid_sample_gradfix,
+    upfirdn2d,
+)
 
 # ---- references ------------------------------------------------------------------------------
 

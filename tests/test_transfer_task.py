@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flcore.data import load_federated_dataset
-from flcore.errors import UserError
-from flcore.options import parse_args
 from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl import centroid_shift
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from flutils.data import load_federated_dataset
+from flutils.errors import UserError
+from flutils.options import parse_args
 
 FAST_SERVER = ["-se", "2", "-sbs", "8", "-gen", "untrained"]
 

@@ -42,8 +42,7 @@ def download(repo, out, fp16):
 
 def check_download(out):
     """The same completeness check as -GPath, so a repo in another layout is caught here."""
-    sys.path.insert(0, os.path.dirname(HERE))
-    from pipelines.pipeline import PipelineFolderError, check_folder
+    from sd_pipelines.pipeline import PipelineFolderError, check_folder
     try:
         check_folder(out)
     except PipelineFolderError as exc:

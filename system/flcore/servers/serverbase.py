@@ -8,9 +8,9 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientbase import Client
-from flcore.errors import UserError
-from flcore.results import History, run_name
 from flcore.trainmodel import build_family_model
+from flutils.errors import UserError
+from flutils.results import History, run_name
 
 # Flags that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",

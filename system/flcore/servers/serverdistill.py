@@ -8,8 +8,8 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientdistill import ClientDistill
-from flcore.errors import UserError
 from flcore.servers.serverbase import Server
+from flutils.errors import UserError
 
 DEFAULT_LAMBDA = 1.0  # the reference library's -lam default
 

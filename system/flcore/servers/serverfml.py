@@ -10,9 +10,9 @@ from tqdm import tqdm
 
 from flcore.clients.clientfml import ClientFML
 from flcore.clients.clientlg import float_count, parameters_of, weighted_average
-from flcore.errors import UserError
 from flcore.servers.serverbase import Server
 from flcore.trainmodel import build_model
+from flutils.errors import UserError
 
 
 class ServerFML(Server):

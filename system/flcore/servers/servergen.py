@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
 from flcore.clients.clientlg import float_count
-from flcore.errors import UserError
 from flcore.servers.serverlg import ServerLG
+from flutils.errors import UserError
 
 
 class ServerFedGen(ServerLG):

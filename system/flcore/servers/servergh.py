@@ -6,8 +6,8 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientgh import ClientFedGH
-from flcore.errors import UserError
 from flcore.servers.serverproto import PrototypeServer, resolve_server_lr, train_on_rows
+from flutils.errors import UserError
 
 # -slr's default for FedGH: the reference library's server_learning_rate default (HtFLlib system/main.py).
 FEDGH_SERVER_LR = 0.01

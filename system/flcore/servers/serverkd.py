@@ -5,9 +5,9 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientkd import ClientFedKD, packed_floats, shared_state, svd_compress, svd_decompress
-from flcore.errors import UserError
 from flcore.servers.serverbase import Server
 from flcore.trainmodel import build_model
+from flutils.errors import UserError
 
 
 class ServerFedKD(Server):

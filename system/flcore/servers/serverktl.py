@@ -9,11 +9,11 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientktl import ClientKTL
-from flcore.errors import UserError
 from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
-from flcore.results import run_name
 from flcore.servers.serverbase import Server
-from flcore.visualize import save_image_grid
+from flutils.errors import UserError
+from flutils.results import run_name
+from flutils.visualize import save_image_grid
 
 ALIGN_GRAD_CLIP = 100.0
 NORM_REFERENCE_SAMPLES = 256

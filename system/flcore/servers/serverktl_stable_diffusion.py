@@ -3,19 +3,13 @@
 and a latent is rendered by running the sampler from it with a fixed prompt (stable-diffusion/README.md)."""
 import math
 import os
-import sys
 
 import torch
 from tqdm import tqdm
 
-from flcore.errors import UserError
 from flcore.generators.dcgan import rescale_to_norm, typical_gaussian_norm
-from flcore.options import REPO_ROOT
 from flcore.servers.serverktl import ServerKTL
-
-STABLE_DIFFUSION_DIR = os.path.join(REPO_ROOT, "stable-diffusion")
-if STABLE_DIFFUSION_DIR not in sys.path:
-    sys.path.insert(0, STABLE_DIFFUSION_DIR)
+from flutils.errors import UserError
 
 CUDA_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -26,7 +20,7 @@ _loaded_pipeline = {}
 def pipeline_module():
     """Imported on first use, so a missing diffusers install is a one-line error, not a traceback."""
     try:
-        from pipelines import pipeline
+        from sd_pipelines import pipeline
     except ImportError as exc:
         raise UserError(f"-algo FedKTL-stable-diffusion needs diffusers and transformers ({exc}); "
                         f"run pip install -r requirements.txt") from None

@@ -1,23 +1,20 @@
 """FedKTL with a StyleGAN2/StyleGAN3-style generator: the latent space is W, valid latents are
 G.mapping(z, c)[:, 0] for z ~ N(0, I), and a latent is rendered by repeating it over G.num_ws."""
-import os
-import sys
-
 import torch
 from tqdm import tqdm
 
-from flcore.errors import UserError
-from flcore.generators.dcgan import (FACE_DCGAN_INSTALL, DCGANLoadError, GaussianLatents, face_dcgan_weights_path,
-                                     is_dcgan_checkpoint, load_dcgan_checkpoint)
-from flcore.options import REPO_ROOT
+from compact_stylegan import build_default_generator
+from flcore.generators.dcgan import (
+    FACE_DCGAN_INSTALL,
+    DCGANLoadError,
+    GaussianLatents,
+    face_dcgan_weights_path,
+    is_dcgan_checkpoint,
+    load_dcgan_checkpoint,
+)
 from flcore.servers.serverktl import ServerKTL
-
-STYLEGAN_DIR = os.path.join(REPO_ROOT, "stylegan")
-if STYLEGAN_DIR not in sys.path:
-    sys.path.insert(0, STYLEGAN_DIR)
-
-from compact_stylegan import build_default_generator  # noqa: E402
-from generator_io import GeneratorLoadError, load_generator_pickle  # noqa: E402
+from flutils.errors import UserError
+from generator_io import GeneratorLoadError, load_generator_pickle
 
 
 class StyleGANLatents:

@@ -1,7 +1,7 @@
 """FedKTL with StyleGAN-XL (the paper's default): as StyleGAN3, but class-conditional, so valid latents
 are mapped with random one-hot ImageNet labels."""
-from flcore.errors import UserError
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
+from flutils.errors import UserError
 
 IMAGENET_CLASSES = 1000
 

@@ -5,8 +5,8 @@ the heads, which have the same shape everywhere, are averaged on the server weig
 Per round: upload = (head floats) per arrived client; download = (head floats) per selected client, from the
 round after the first aggregation on."""
 from flcore.clients.clientlg import ClientLG, float_count, parameters_of, weighted_average
-from flcore.errors import UserError
 from flcore.servers.serverbase import Server
+from flutils.errors import UserError
 
 
 def parameter_shapes(module):

@@ -7,8 +7,8 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientproto import ClientFedProto
-from flcore.errors import UserError
 from flcore.servers.serverbase import Server
+from flutils.errors import UserError
 
 # -lam's default for FedProto: the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
 FEDPROTO_LAMDA = 10.0

@@ -7,8 +7,8 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clienttgp import ClientFedTGP
-from flcore.errors import UserError
 from flcore.servers.serverproto import PrototypeServer, resolve_lamda, resolve_server_lr, train_on_rows
+from flutils.errors import UserError
 
 # -lam's default for FedTGP: the paper's own run script (TsingZ0/FedTGP system/run_me.sh, -lam 10).
 FEDTGP_LAMDA = 10.0

@@ -9,7 +9,7 @@ from functools import partial
 
 import numpy as np
 
-from utils.errors import DatasetError
+from fldata.errors import DatasetError
 
 PARTITIONS = ("iid", "pat", "dir", "exdir")
 

@@ -1,10 +1,8 @@
 """Command-line flags of main.py: the reference library's short names, plus a few of our own."""
 import argparse
-import os
 
-from flcore.errors import UserError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flutils.errors import UserError
+from flutils.paths import DATASET_DIR, RESULTS_DIR
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -61,8 +59,8 @@ def build_parser():
     general.add_argument("--num_threads", type=int, default=0,
                          help="CPU threads for torch (0: torch's default)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
-    general.add_argument("--dataset_dir", default=os.path.join(REPO_ROOT, "dataset"))
-    general.add_argument("--results_dir", default=os.path.join(REPO_ROOT, "results"))
+    general.add_argument("--dataset_dir", default=DATASET_DIR)
+    general.add_argument("--results_dir", default=RESULTS_DIR)
 
     general.add_argument("--shots", type=int, default=0,
                          help="keep only this many training samples per class on each client "

@@ -1,18 +1,15 @@
 """Loads a federated dataset made by dataset/generate_*.py once, as tensors held in memory for the run."""
-import importlib
 import json
 import os
-import sys
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from flcore.errors import UserError
-from flcore.options import REPO_ROOT
-
-DATASET_SCRIPTS = os.path.join(REPO_ROOT, "dataset")
+from fldata.cli import run as run_generation
+from fldata.sources import DIGITS
+from flutils.errors import UserError
 
 
 @dataclass
@@ -41,10 +38,7 @@ def ensure_digits(folder, num_clients):
     """The offline default needs no download: build Digits from scikit-learn's bundled copy when missing."""
     print(f"Dataset Digits not found at {folder}: generating it from scikit-learn's bundled digits "
           f"({num_clients} clients).")
-    if DATASET_SCRIPTS not in sys.path:
-        sys.path.insert(0, DATASET_SCRIPTS)
-    generator = importlib.import_module("generate_Digits")
-    status = generator.main(["--num-clients", str(num_clients), "--out", folder])
+    status = run_generation(DIGITS, ["--num-clients", str(num_clients), "--out", folder])
     if status:
         raise UserError(f"generating Digits into {folder} failed; run {generate_command('Digits', num_clients)}")
 

@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
-from utils.errors import DatasetError
+from fldata.errors import DatasetError
 
 FORMAT_VERSION = 1  # bump when the written files change for the same parameters
 NORMALIZATION = {"mean": 0.5, "std": 0.5}

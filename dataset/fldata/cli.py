@@ -6,13 +6,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from utils.dataset_io import (FORMAT_VERSION, check_output_dir, is_up_to_date, split_train_test,
-                              validate_train_ratio, write_dataset)
-from utils.errors import DatasetError
-from utils.partition import PARTITIONS, partition_indices, validate_partition_params
-from utils.sources import DatasetSpec, describe_source, load_source
-
-DATASET_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fldata.dataset_io import (
+    FORMAT_VERSION,
+    check_output_dir,
+    is_up_to_date,
+    split_train_test,
+    validate_train_ratio,
+    write_dataset,
+)
+from fldata.errors import DatasetError
+from fldata.partition import PARTITIONS, partition_indices, validate_partition_params
+from fldata.sources import DatasetSpec, describe_source, load_source
+from flutils.paths import DATASET_DIR
 
 
 @dataclass(frozen=True)

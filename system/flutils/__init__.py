@@ -1,0 +1,1 @@
+"""The experiment harness around the federated algorithms: flags, datasets, results, plots, paths, errors."""
