@@ -39,7 +39,7 @@ class _UsageError(DatasetError):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):
         """Raises instead of printing usage and exiting, so errors stay one line and main() returns."""
         raise _UsageError(message)
@@ -54,7 +54,7 @@ def parse_bool(text: str) -> bool:
 
 def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     defaults = GenerationOptions()
-    parser = _Parser(prog=f"generate_{spec.name}.py",
+    parser = OneLineErrorParser(prog=f"generate_{spec.name}.py",
                      description=f"Generate a label-skewed federated {spec.name} dataset "
                                  f"({spec.num_classes} classes, images {'x'.join(map(str, spec.image_shape))}).")
     parser.add_argument("--num-clients", type=int, default=defaults.num_clients, help="number of clients (%(default)s)")

@@ -123,20 +123,20 @@ def write_dataset(out_dir: str, images: np.ndarray, labels: np.ndarray,
                 save_npz(os.path.join(staging, split, f"{client}.npz"),
                          x=normalize_images(images[indices]), y=labels[indices].astype(np.int64))
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as file:
-            file.write(_config_text(config))
-        _swap_in(staging, out_dir)
+            file.write(config_text(config))
+        swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return config
 
 
-def _config_text(config: dict) -> str:
+def config_text(config: dict) -> str:
     """JSON with one top-level key per line, values kept compact."""
     lines = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in config.items()]
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _swap_in(staging: str, out_dir: str) -> None:
+def swap_in(staging: str, out_dir: str) -> None:
     """Renames ``staging`` to ``out_dir``, keeping the carried entries (e.g. rawdata/) of an existing ``out_dir``."""
     if not os.path.isdir(out_dir):
         os.rename(staging, out_dir)

@@ -1,6 +1,7 @@
 """Loads a federated dataset made by dataset/generate_*.py once, as tensors held in memory for the run."""
 import json
 import os
+import shlex
 import zipfile
 from dataclasses import dataclass
 
@@ -51,8 +52,10 @@ def _read_split(path, num_classes, regenerate):
             if "x" in archive:
                 x, y = archive["x"], archive["y"]
             else:
-                raise UserError(f"{path} has no 'x'/'y' arrays (a reference-library file?); "
-                                f"regenerate the dataset with: {regenerate}")
+                folder = os.path.dirname(os.path.dirname(path))  # path is <folder>/<split>/<i>.npz
+                raise UserError(f"{path} has no 'x'/'y' arrays (a reference-library file?); convert the folder "
+                                f"with: python dataset/convert_reference.py {shlex.quote(folder)} --trust, "
+                                f"or regenerate the dataset with: {regenerate}")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise UserError(f"corrupt or unreadable {path} ({type(exc).__name__}); "
                         f"regenerate the dataset with: {regenerate}") from None
