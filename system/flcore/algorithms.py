@@ -26,3 +26,13 @@ def server_class(name):
         raise UserError(f"unknown algorithm '{name}'; choose from: {', '.join(ALGORITHMS)}")
     module, cls = ALGORITHMS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def server_classes():
+    """Every registered server class once (aliases share one), in registry order."""
+    classes = []
+    for name in ALGORITHMS:
+        cls = server_class(name)
+        if cls not in classes:
+            classes.append(cls)
+    return classes

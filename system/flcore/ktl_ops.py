@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flcore.per_class import per_class_means
+
 DEFAULT_MMD_BANDWIDTHS = (10.0, 15.0, 20.0, 50.0)
 
 
@@ -148,10 +150,9 @@ def class_mean_reset(centroids: torch.Tensor, mapped: torch.Tensor,
     with torch.no_grad():
         labels = labels.long().to(centroids.device)
         mapped = mapped.to(device=centroids.device, dtype=centroids.dtype)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, mapped)
-        counts = torch.bincount(labels, minlength=num_classes)
+        means, counts = per_class_means(mapped, labels, num_classes)
         present = counts > 0
-        means = sums[present] / counts[present].unsqueeze(1).to(centroids.dtype)
+        means = means[present]
         centroids[present] = means if renderable is None else renderable(means)
 
 
@@ -184,7 +185,7 @@ def _reset_to_class_means(transformer: FeatureTransformer, centroids: torch.Tens
 def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
                   prototypes: torch.Tensor, labels: torch.Tensor,
                   sample_valid: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
-                  epochs: int, batch_size: int, lam: float, generator: torch.Generator,
+                  epochs: int, batch_size: int, lamda: float, generator: torch.Generator,
                   grad_clip: float = 100.0, use_mmd: bool = True, reset_centroids: bool = True,
                   renderable: Callable[[torch.Tensor], torch.Tensor] = None) -> dict:
     """Server domain alignment: train F and Q on the pooled prototypes (spec step 3).
@@ -222,7 +223,7 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
                 mmd_term = mmd_rbf(mapped, valid)
             else:
                 mmd_term = torch.zeros((), dtype=mapped.dtype, device=mapped.device)
-            loss = mmd_term + lam * centroid_term
+            loss = mmd_term + lamda * centroid_term
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(clipped_params, grad_clip)

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from flcore.algorithms import server_class
+from flcore.load_cache import LoadCache
 from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
@@ -46,8 +47,9 @@ def run_all(args):
           f"family {args.model_family} = {family}, {args.global_rounds} rounds, device {device}")
 
     histories = []
+    cache = LoadCache()
     for run in range(args.prev, args.times):
-        server = server_cls(args, dataset, run, device)
+        server = server_cls(args, dataset, run, device, cache)
         if args.resume:
             server.resume()
         history = server.train()

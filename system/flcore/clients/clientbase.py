@@ -1,8 +1,13 @@
 """What every simulated client does: hold its data and model in memory, train locally, evaluate."""
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from flcore.per_class import add_per_class
 
 EVAL_BATCH = 256
 
@@ -31,24 +36,40 @@ def micro_auc(y_true, scores, num_classes):
     return float(roc_auc_score(one_hot.ravel(), scores.ravel()))
 
 
+@dataclass(frozen=True)
+class ClientSetup:
+    """What every client is built from: its identity, model and data, and the local-training settings."""
+    client_id: int
+    model: nn.Module
+    data: object  # flutils.data.ClientData: train_x, train_y, test_x, test_y tensors
+    seed: int
+    device: torch.device
+    num_classes: int
+    batch_size: int
+    local_epochs: int
+    learning_rate: float
+    learning_rate_decay: float | None = None  # per-round factor of the learning rate; None: constant
+    train_slow: bool = False
+
+
 class Client:
     grad_clip = None
 
-    def __init__(self, args, client_id, model, data, seed, device, train_slow=False):
-        self.args = args
-        self.id = client_id
-        self.device = device
-        self.model = model.to(device)
-        self.num_classes = args.num_classes
+    def __init__(self, setup: ClientSetup):
+        self.id = setup.client_id
+        self.device = setup.device
+        self.model = setup.model.to(setup.device)
+        self.num_classes = setup.num_classes
+        data = setup.data
         self.train_x, self.train_y = data.train_x, data.train_y
         self.test_x, self.test_y = data.test_x, data.test_y
-        self.batch_size = args.batch_size
-        self.local_epochs = args.local_epochs
-        self.train_slow = train_slow
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.local_learning_rate)
-        self.scheduler = (torch.optim.lr_scheduler.ExponentialLR(self.optimizer, args.learning_rate_decay_gamma)
-                          if args.learning_rate_decay else None)
+        self.batch_size = setup.batch_size
+        self.local_epochs = setup.local_epochs
+        self.train_slow = setup.train_slow
+        self.generator = torch.Generator().manual_seed(int(setup.seed))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=setup.learning_rate)
+        self.scheduler = (torch.optim.lr_scheduler.ExponentialLR(self.optimizer, setup.learning_rate_decay)
+                          if setup.learning_rate_decay is not None else None)
         self.last_train_loss = float("nan")
         self.batches_last_round = 0
         self.grad_norms = []  # pre-clip gradient norms of the last round's steps (clipping clients only)
@@ -112,8 +133,7 @@ class Client:
             out = embed(x).float()
             if sums is None:
                 sums = torch.zeros(self.num_classes, out.shape[1], device=self.device)
-            sums.index_add_(0, y, out)
-            counts += torch.bincount(y, minlength=self.num_classes).float()
+            add_per_class(sums, counts, out, y)
         return sums, counts
 
     def scores(self, x):

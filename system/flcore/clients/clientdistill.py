@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import Client
+from flcore.per_class import add_per_class
 
 
 def logit_distillation_loss(logits, labels, teacher, known):
@@ -14,13 +15,13 @@ def logit_distillation_loss(logits, labels, teacher, known):
 
 
 class ClientDistill(Client):
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, lam):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
-        self.lam = lam
+    def __init__(self, setup, lamda):
+        super().__init__(setup)
+        self.lamda = lamda
         self.teacher = None
         self.teacher_known = None
-        self.logit_sums = torch.zeros(self.num_classes, self.num_classes, device=device)
-        self.logit_counts = torch.zeros(self.num_classes, device=device)
+        self.logit_sums = torch.zeros(self.num_classes, self.num_classes, device=self.device)
+        self.logit_counts = torch.zeros(self.num_classes, device=self.device)
 
     def receive_logits(self, logits, classes):
         """The server's average logits [C, K] of the classes it has seen."""
@@ -38,11 +39,10 @@ class ClientDistill(Client):
     def training_loss(self, x, y):
         logits = self.model(x)
         # The uploaded class logits are the averages of the training outputs of this round, as in the reference.
-        self.logit_sums.index_add_(0, y, logits.detach().float())
-        self.logit_counts += torch.bincount(y, minlength=self.num_classes)
+        add_per_class(self.logit_sums, self.logit_counts, logits.detach().float(), y)
         loss = F.cross_entropy(logits, y)
-        if self.teacher is not None and self.lam > 0:
-            loss = loss + self.lam * logit_distillation_loss(logits, y, self.teacher, self.teacher_known)
+        if self.teacher is not None and self.lamda > 0:
+            loss = loss + self.lamda * logit_distillation_loss(logits, y, self.teacher, self.teacher_known)
         return loss
 
     def class_logits(self):

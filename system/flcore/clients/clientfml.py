@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import Client, distillation_kl
-from flcore.clients.clientlg import load_parameters
+from flcore.parameters import load_parameters
 
 # The reference library clips each model's gradient norm to 10 to keep mutual learning from diverging.
 GRAD_CLIP = 10.0
@@ -23,9 +23,9 @@ def mutual_loss(local_logits, meme_logits, labels, alpha, beta):
 
 
 class ClientFML(Client):
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, meme, alpha, beta):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
-        self.meme = meme.to(device)
+    def __init__(self, setup, meme, alpha, beta):
+        super().__init__(setup)
+        self.meme = meme.to(self.device)
         self.alpha = alpha
         self.beta = beta
         self.optimizer.add_param_group({"params": list(self.meme.parameters())})

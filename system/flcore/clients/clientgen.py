@@ -29,11 +29,11 @@ class FeatureGenerator(nn.Module):
 
 
 class ClientFedGen(ClientLG):
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, noise_dim, hidden_dim):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
+    def __init__(self, setup, noise_dim, hidden_dim, feature_dim):
+        super().__init__(setup)
         self.label_counts = torch.bincount(self.train_y, minlength=self.num_classes).float()
         self.feature_generator = FeatureGenerator(noise_dim, self.num_classes, hidden_dim,
-                                                  args.feature_dim).to(device).eval()
+                                                  feature_dim).to(self.device).eval()
         self.label_prior = None
 
     def receive_generator(self, state, label_prior):

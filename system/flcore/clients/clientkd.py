@@ -1,43 +1,13 @@
 """FedKD client (Wu et al., Nature Communications 2022): its own model is the private mentor; a small shared
-mentee learns alongside it by adaptive mutual distillation, and only the mentee's updates travel, SVD-compressed.
-Also the SVD compression both sides use."""
+mentee learns alongside it by adaptive mutual distillation, and only the mentee's updates travel, SVD-compressed
+(flcore/svd.py)."""
 import copy
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flcore.clients.clientbase import Client, distillation_kl
-
-
-def kept_rank(singular_values, energy):
-    """The fewest leading singular values whose squares hold at least `energy` of the total (0 for a zero matrix)."""
-    squares = singular_values.double().pow(2)
-    total = squares.sum()
-    if total == 0:
-        return 0
-    return min(int((squares.cumsum(0) < energy * total).sum()) + 1, len(singular_values))
-
-
-def svd_compress(tensor, energy):
-    """A tensor of two or more dimensions, seen as [shape[0], rest], as truncated SVD factors {u, s, v} keeping
-    `energy`; smaller tensors are sent whole as {full}."""
-    if tensor.dim() < 2:
-        return {"full": tensor.detach().clone()}
-    u, s, v = torch.linalg.svd(tensor.detach().reshape(tensor.shape[0], -1), full_matrices=False)
-    rank = kept_rank(s, energy)
-    return {"u": u[:, :rank].contiguous(), "s": s[:rank].contiguous(), "v": v[:rank].contiguous()}
-
-
-def svd_decompress(packed, shape):
-    if "full" in packed:
-        return packed["full"].reshape(shape)
-    return ((packed["u"] * packed["s"]) @ packed["v"]).reshape(shape)
-
-
-def packed_floats(update):
-    """Floats in a compressed update {name: packed}: what actually travels."""
-    return sum(t.numel() for packed in update.values() for t in packed.values())
+from flcore.svd import svd_compress, svd_decompress
 
 
 def shared_state(model):
@@ -59,12 +29,12 @@ def mutual_distillation_loss(logits, features, mentee_logits, mentee_features, l
 class ClientFedKD(Client):
     grad_clip = 10.0  # the reference clips at 10 (per model; here jointly) against divergence of the distillation
 
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, mentee):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
-        self.mentee = copy.deepcopy(mentee).to(device)
-        self.hidden_map = nn.Linear(args.feature_dim, args.feature_dim, bias=False).to(device)
+    def __init__(self, setup, mentee, feature_dim, mentee_learning_rate):
+        super().__init__(setup)
+        self.mentee = copy.deepcopy(mentee).to(self.device)
+        self.hidden_map = nn.Linear(feature_dim, feature_dim, bias=False).to(self.device)
         self.optimizer.add_param_group({"params": list(self.hidden_map.parameters())})
-        self.optimizer.add_param_group({"params": list(self.mentee.parameters()), "lr": args.mentee_learning_rate})
+        self.optimizer.add_param_group({"params": list(self.mentee.parameters()), "lr": mentee_learning_rate})
         # The mentee as last synchronized with the server, and the server's version of it (None: never).
         self.synced_state = None
         self.synced_version = None

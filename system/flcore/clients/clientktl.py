@@ -1,6 +1,7 @@
 """FedKTL client: ETF classifier with an angular margin, prototype upload, and the knowledge-transfer task
 on the server's image-vector pairs."""
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,19 +14,33 @@ from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
 SCALE = 64.0
 
 
+@dataclass(frozen=True)
+class TransferSettings:
+    """A FedKTL client's settings beyond local training (README "Flags": FedKTL groups)."""
+    feature_dim: int
+    latent_dim: int
+    mu: float  # weight of the transfer task; the server updates it per round (--mu_warmup)
+    margin: float  # angular margin of the ETF loss; the server updates it per round (--margin_warmup)
+    grad_clip: float = 100.0  # 0: no clip
+    kt_norm: str = "keep"  # BatchNorm mode for generated images: update, keep or aux (flcore/batchnorm.py)
+    feature_norm: bool = False  # proj reads L2-normalized features
+    base_grad: bool = True  # the transfer loss trains the feature extractor
+    diagnostics: bool = False  # record the gradient norms and cosine of the two losses per step
+
+
 class ClientKTL(Client):
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, etf, latent_dim, mu):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
+    def __init__(self, setup, etf, transfer: TransferSettings):
+        super().__init__(setup)
         # The paper's code clips at 100; 0 turns clipping off (an infinite clip still measures the norms).
-        self.grad_clip = args.client_grad_clip or math.inf
+        self.grad_clip = transfer.grad_clip or math.inf
         # etf None: the ablation with a plain linear head trained with cross-entropy.
-        self.etf = etf.to(device) if etf is not None else None
-        self.margin = args.margin
-        self.mu = mu
+        self.etf = etf.to(self.device) if etf is not None else None
+        self.margin = transfer.margin
+        self.mu = transfer.mu
         # proj is trained with the model; its weights come from the server with the first pairs.
-        self.proj = nn.Linear(args.feature_dim, latent_dim).to(device)
+        self.proj = nn.Linear(transfer.feature_dim, transfer.latent_dim).to(self.device)
         self.optimizer.add_param_group({"params": list(self.proj.parameters())})
-        self.kt_norm = args.kt_norm
+        self.kt_norm = transfer.kt_norm
         # 'aux': generated images get BatchNorm parameters and statistics of their own, trained with the model.
         self.aux_norm = AuxiliaryBatchNorm(self.model.base) if self.kt_norm == "aux" else None
         if self.aux_norm is not None and len(self.aux_norm.affine):
@@ -34,9 +49,9 @@ class ClientKTL(Client):
         self.pair_images = None
         self.pair_latents = None
         self.pair_order = torch.empty(0, dtype=torch.long)
-        self.feature_norm = args.kt_feature_norm
-        self.base_grad = args.kt_base_grad
-        self.diagnostics = args.kt_diagnostics
+        self.feature_norm = transfer.feature_norm
+        self.base_grad = transfer.base_grad
+        self.diagnostics = transfer.diagnostics
         self.transfer_losses = []  # the unweighted transfer MSE of the last round's steps
         self.gradient_records = []  # with --kt_diagnostics: (classification norm, transfer norm, cosine) per step
 

@@ -10,8 +10,8 @@ from flcore.clients.clientbase import Client
 class PrototypeClient(Client):
     """A client that uploads per-class mean features and holds the server's global knowledge of some version."""
 
-    def __init__(self, args, client_id, model, data, seed, device, train_slow=False):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
+    def __init__(self, setup):
+        super().__init__(setup)
         # Version of the server's global knowledge this client holds (0: none yet); set by the server.
         self.knowledge_version = 0
 
@@ -48,8 +48,8 @@ def nearest_prototype_scores(features, prototypes, present):
 
 
 class ClientFedProto(PrototypeClient):
-    def __init__(self, args, client_id, model, data, seed, device, train_slow, lamda):
-        super().__init__(args, client_id, model, data, seed, device, train_slow)
+    def __init__(self, setup, lamda):
+        super().__init__(setup)
         self.lamda = lamda
         self.global_prototypes = None
         self.present = None

@@ -1,0 +1,1 @@
+"""Image generators for FedKTL's server: the adapter contract (adapter.py) and the built-in face DCGAN."""

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flcore.clients.clientbase import Client
+from flcore.clients.clientbase import Client, ClientSetup
+from flcore.load_cache import LoadCache
 from flcore.trainmodel import build_family_model
 from flutils.errors import UserError
 from flutils.results import History, run_name
@@ -45,14 +46,18 @@ class PhaseTimer:
 
 
 class Server:
-    client_class = Client
+    """One run of an algorithm. A subclass says what its clients are (`new_client`), what the server sends
+    (`send`) and does with the uploads (`server_round`), which state it checkpoints, and which flags it owns
+    (`add_flags`, `check_flags`: read by flutils/options.py, so `main.py -h` lists them in the algorithm's group)."""
     phases = ("eval", "train")
 
-    def __init__(self, args, dataset, run, device):
+    def __init__(self, args, dataset, run, device, cache=None):
         self.args = args
         self.dataset = dataset
         self.run = run
         self.device = device
+        # Slow-to-load, read-only things (a Stable Diffusion pipeline) shared by the runs of one experiment.
+        self.cache = cache if cache is not None else LoadCache()
         self.num_clients = args.num_clients
         self.num_classes = args.num_classes
         self.seed = derive_seed(args.seed, run)
@@ -73,14 +78,28 @@ class Server:
             torch.manual_seed(client_seed)
             channels, height, _ = dataset.image_shape
             model = build_family_model(args.model_family, i, args.num_classes, args.feature_dim, channels, height)
-            self.clients.append(self.make_client(i, model, dataset.clients[i], client_seed, i in slow_train))
+            setup = ClientSetup(
+                client_id=i, model=model, data=dataset.clients[i], seed=client_seed, device=device,
+                num_classes=args.num_classes, batch_size=args.batch_size, local_epochs=args.local_epochs,
+                learning_rate=args.local_learning_rate, train_slow=i in slow_train,
+                learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
+            self.clients.append(self.new_client(setup))
         torch.manual_seed(self.seed)
+
+    @classmethod
+    def add_flags(cls, parser):
+        """Declares the flags this class owns (not its parents'), in argument groups of `parser`."""
+
+    @classmethod
+    def check_flags(cls, args):
+        """Raises UserError for a bad value of a flag this class owns (not its parents'); runs at parse time."""
 
     def prepare(self):
         """Algorithm-specific set-up that the clients depend on; runs before they are built."""
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return self.client_class(self.args, client_id, model, data, seed, self.device, train_slow)
+    def new_client(self, setup):
+        """The client of this algorithm built from `setup` (plus what the algorithm gives it)."""
+        return Client(setup)
 
     def pick_clients(self, rate):
         return set(self.rng.choice(self.num_clients, int(rate * self.num_clients), replace=False).tolist())

@@ -8,23 +8,22 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientdistill import ClientDistill
+from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
-from flutils.errors import UserError
+from flutils.options import flag_or_default
 
 DEFAULT_LAMBDA = 1.0  # the reference library's -lam default
 
 
 class ServerFedDistill(Server):
     def prepare(self):
-        self.lam = self.args.lamda if self.args.lamda is not None else DEFAULT_LAMBDA
-        if self.lam < 0:
-            raise UserError(f"-lam must be >= 0 for FedDistill, got {self.lam}")
+        self.lamda = flag_or_default(self.args.lamda, DEFAULT_LAMBDA, "-lam", at_least=0)
         self.global_logits = None
         self.global_classes = None
-        tqdm.write(f"FedDistill: lambda {self.lam}")
+        tqdm.write(f"FedDistill: lambda {self.lamda}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientDistill(self.args, client_id, model, data, seed, self.device, train_slow, lam=self.lam)
+    def new_client(self, setup):
+        return ClientDistill(setup, lamda=self.lamda)
 
     def send(self, selected):
         if self.global_logits is None:
@@ -38,18 +37,16 @@ class ServerFedDistill(Server):
         self.upload_floats += sum(logits.numel() for logits, _ in uploads)
         if not uploads:
             return
-        sums = torch.zeros(self.num_classes, self.num_classes, device=self.device)
-        counts = torch.zeros(self.num_classes, device=self.device)
-        for logits, classes in uploads:
-            sums.index_add_(0, classes, logits)
-            counts.index_add_(0, classes, torch.ones(len(classes), device=self.device))
+        logits = torch.cat([logits for logits, _ in uploads]).to(self.device)
+        classes = torch.cat([classes for _, classes in uploads]).to(self.device)
+        means, counts = per_class_means(logits, classes, self.num_classes)
         self.global_classes = torch.nonzero(counts > 0).squeeze(1)
-        self.global_logits = sums[self.global_classes] / counts[self.global_classes].unsqueeze(1)
+        self.global_logits = means[self.global_classes]
 
     def extra_state(self):
         return {"global_logits": self.global_logits, "global_classes": self.global_classes}
 
     def load_extra_state(self, state):
-        on_device = (lambda t: None if t is None else t.to(self.device))
-        self.global_logits = on_device(state["global_logits"])
-        self.global_classes = on_device(state["global_classes"])
+        logits, classes = state["global_logits"], state["global_classes"]
+        self.global_logits = None if logits is None else logits.to(self.device)
+        self.global_classes = None if classes is None else classes.to(self.device)

@@ -9,17 +9,30 @@ import copy
 from tqdm import tqdm
 
 from flcore.clients.clientfml import ClientFML
-from flcore.clients.clientlg import float_count, parameters_of, weighted_average
+from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
 from flcore.trainmodel import build_model
 from flutils.errors import UserError
+from flutils.options import raise_first_failed
 
 
 class ServerFML(Server):
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FML")
+        group.add_argument("-al", "--alpha", type=float, default=0.5,
+                           help="FML: private model's loss = alpha * CE + (1 - alpha) * KL (the FML paper)")
+        group.add_argument("-bt", "--beta", type=float, default=0.5,
+                           help="FML: shared model's loss = beta * CE + (1 - beta) * KL (the FML paper)")
+        group.add_argument("--fml_model", default="cnn4",
+                           help="FML: registry name of the shared model, built at -fd")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([(0 <= value <= 1, f"{flag} must be in [0, 1] for FML, got {value}")
+                            for flag, value in (("-al", args.alpha), ("-bt", args.beta))])
+
     def prepare(self):
-        for flag, value in (("-al", self.args.alpha), ("-bt", self.args.beta)):
-            if not 0 <= value <= 1:
-                raise UserError(f"{flag} must be in [0, 1] for FML, got {value}")
         name = self.args.fml_model
         channels, height, _ = self.dataset.image_shape
         try:
@@ -31,9 +44,8 @@ class ServerFML(Server):
         tqdm.write(f"FML: shared model {name} ({float_count(self.global_meme)} parameters), "
                    f"alpha {self.args.alpha}, beta {self.args.beta}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientFML(self.args, client_id, model, data, seed, self.device, train_slow,
-                         meme=copy.deepcopy(self.meme_template), alpha=self.args.alpha, beta=self.args.beta)
+    def new_client(self, setup):
+        return ClientFML(setup, meme=copy.deepcopy(self.meme_template), alpha=self.args.alpha, beta=self.args.beta)
 
     def send(self, selected):
         for client in selected:

@@ -15,21 +15,31 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
-from flcore.clients.clientlg import float_count
+from flcore.parameters import float_count
 from flcore.servers.serverlg import ServerLG
-from flutils.errors import UserError
+from flutils.options import raise_first_failed
 
 
 class ServerFedGen(ServerLG):
     phases = ("eval", "train", "generator")
 
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedGen", "trains its generator -se steps per round")
+        group.add_argument("-nd", "--noise_dim", type=int, default=512, help="FedGen: generator noise size")
+        group.add_argument("-hd", "--hidden_dim", type=int, default=512, help="FedGen: generator hidden width")
+        group.add_argument("-glr", "--generator_learning_rate", type=float, default=0.005,
+                           help="FedGen: Adam learning rate of the server's generator")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([(ok, f"{flag} must be positive for FedGen")
+                            for flag, ok in (("-nd", args.noise_dim >= 1), ("-hd", args.hidden_dim >= 1),
+                                             ("-glr", args.generator_learning_rate > 0))])
+
     def prepare(self):
         super().prepare()
         args = self.args
-        for flag, ok in (("-nd", args.noise_dim >= 1), ("-hd", args.hidden_dim >= 1),
-                         ("-glr", args.generator_learning_rate > 0)):
-            if not ok:
-                raise UserError(f"{flag} must be positive for FedGen")
         self.feature_generator = FeatureGenerator(args.noise_dim, self.num_classes, args.hidden_dim,
                                                   args.feature_dim).to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.feature_generator.parameters(),
@@ -39,10 +49,10 @@ class ServerFedGen(ServerLG):
         tqdm.write(f"FedGen: noise dim {args.noise_dim}, hidden dim {args.hidden_dim}, generator lr "
                    f"{args.generator_learning_rate}, {args.server_epochs} generator steps per round")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        self.check_head(client_id, model)
-        return ClientFedGen(self.args, client_id, model, data, seed, self.device, train_slow,
-                            noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim)
+    def new_client(self, setup):
+        self.check_head(setup.client_id, setup.model)
+        return ClientFedGen(setup, noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim,
+                            feature_dim=self.args.feature_dim)
 
     def send(self, selected):
         super().send(selected)

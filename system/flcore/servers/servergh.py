@@ -6,8 +6,10 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientgh import ClientFedGH
-from flcore.servers.serverproto import PrototypeServer, resolve_server_lr, train_on_rows
+from flcore.server_training import train_on_rows
+from flcore.servers.serverproto import PrototypeServer
 from flutils.errors import UserError
+from flutils.options import flag_or_default
 
 # -slr's default for FedGH: the reference library's server_learning_rate default (HtFLlib system/main.py).
 FEDGH_SERVER_LR = 0.01
@@ -18,24 +20,25 @@ class ServerFedGH(PrototypeServer):
 
     def prepare(self):
         super().prepare()
-        self.server_lr = resolve_server_lr(self.args, FEDGH_SERVER_LR)
+        self.server_lr = flag_or_default(self.args.server_learning_rate, FEDGH_SERVER_LR, "-slr", above=0)
         self.head = nn.Linear(self.args.feature_dim, self.num_classes).to(self.device)
         self.shuffle_generator = torch.Generator().manual_seed(self.seed)
         tqdm.write(f"FedGH: server lr {self.server_lr}, server epochs {self.args.server_epochs}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
+    def new_client(self, setup):
         shapes = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
-        if {k: tuple(v.shape) for k, v in model.head.state_dict().items()} != shapes:
+        if {k: tuple(v.shape) for k, v in setup.model.head.state_dict().items()} != shapes:
             raise UserError(f"FedGH shares one Linear({self.args.feature_dim}, {self.num_classes}) head, but "
-                            f"model {model.model_name} has another head; use a family with linear heads only")
-        return ClientFedGH(self.args, client_id, model, data, seed, self.device, train_slow)
+                            f"model {setup.model.model_name} has another head; use a family with linear heads only")
+        return ClientFedGH(setup)
 
     def aggregate(self, means, classes, counts):
         def loss(index):
             return F.cross_entropy(self.head(means[index]), classes[index])
 
-        self.round_metrics = {"server_loss": train_on_rows(loss, self.head.parameters(), len(classes), self.args,
-                                                           self.server_lr, self.shuffle_generator)}
+        self.round_metrics = {"server_loss": train_on_rows(
+            loss, self.head.parameters(), len(classes), self.args.server_epochs, self.args.batch_size,
+            self.server_lr, self.shuffle_generator)}
 
     def payload(self):
         state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}

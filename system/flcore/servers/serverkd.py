@@ -4,21 +4,39 @@ sends it back. The kept energy grows over rounds from T_start to T_end, as the p
 import torch
 from tqdm import tqdm
 
-from flcore.clients.clientkd import ClientFedKD, packed_floats, shared_state, svd_compress, svd_decompress
+from flcore.clients.clientkd import ClientFedKD, shared_state
 from flcore.servers.serverbase import Server
+from flcore.svd import packed_floats, svd_compress, svd_decompress
 from flcore.trainmodel import build_model
 from flutils.errors import UserError
+from flutils.options import raise_first_failed
 
 
 class ServerFedKD(Server):
     phases = ("eval", "train", "aggregate")
 
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedKD")
+        group.add_argument("-mlr", "--mentee_learning_rate", type=float, default=0.01,
+                           help="FedKD: learning rate of the shared mentee (the reference library)")
+        group.add_argument("-Ts", "--T_start", type=float, default=0.95,
+                           help="FedKD: SVD energy kept in the first round (the reference library)")
+        group.add_argument("-Te", "--T_end", type=float, default=0.98,
+                           help="FedKD: SVD energy kept at the end (the reference library)")
+        group.add_argument("--mentee_model", default="cnn4",
+                           help="FedKD: registry name of the shared mentee, built at -fd")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([
+            (0 < args.T_start <= args.T_end <= 1,
+             f"FedKD needs 0 < -Ts <= -Te <= 1, got -Ts {args.T_start} -Te {args.T_end}"),
+            (args.mentee_learning_rate > 0, f"-mlr must be > 0, got {args.mentee_learning_rate}"),
+        ])
+
     def prepare(self):
         args = self.args
-        if not 0 < args.T_start <= args.T_end <= 1:
-            raise UserError(f"FedKD needs 0 < -Ts <= -Te <= 1, got -Ts {args.T_start} -Te {args.T_end}")
-        if args.mentee_learning_rate <= 0:
-            raise UserError(f"-mlr must be > 0, got {args.mentee_learning_rate}")
         channels, height, _ = self.dataset.image_shape
         try:
             self.mentee = build_model(args.mentee_model, self.num_classes, args.feature_dim, channels, height)
@@ -31,8 +49,9 @@ class ServerFedKD(Server):
         tqdm.write(f"FedKD: mentee {args.mentee_model}, mentee lr {args.mentee_learning_rate}, "
                    f"energy {args.T_start} -> {args.T_end}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientFedKD(self.args, client_id, model, data, seed, self.device, train_slow, mentee=self.mentee)
+    def new_client(self, setup):
+        return ClientFedKD(setup, mentee=self.mentee, feature_dim=self.args.feature_dim,
+                           mentee_learning_rate=self.args.mentee_learning_rate)
 
     def energy(self):
         """T_start + (T_end - T_start) * round / global_rounds."""

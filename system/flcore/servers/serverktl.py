@@ -8,10 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from flcore.clients.clientktl import ClientKTL
+from flcore.clients.clientktl import ClientKTL, TransferSettings
+from flcore.generators.adapter import GeneratorAdapter
 from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
 from flcore.servers.serverbase import Server
 from flutils.errors import UserError
+from flutils.options import bool_flag, flag_or_default, raise_first_failed
 from flutils.results import run_name
 from flutils.visualize import save_image_grid
 
@@ -87,23 +89,90 @@ def centroid_shift(previous, latents):
 
 
 class ServerKTL(Server):
-    client_class = ClientKTL
     phases = ("eval", "train", "prototypes", "align", "generate")
 
-    def build_generator(self):
-        """Returns the generator adapter: `latent_dim`, `defaults` {lam, mu, slr},
-        `sample_valid(n, generator)`, `renderable(latents)` (the latents it renders well; identity for W)
-        and `render(latents)` -> images in [-1, 1]."""
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedKTL (every generator)",
+                                          "-lam, -slr default to the generator's values from the paper; -se: alignment epochs")
+        group.add_argument("-mu", "--mu", type=float, default=None,
+                           help="weight of the knowledge-transfer task; default: the generator's value")
+        group.add_argument("-sbs", "--server_batch_size", type=int, default=100)
+        group.add_argument("-GPath", "--generator_path", default="",
+                           help="generator pickle ({'G_ema': G}), DCGAN checkpoint ({'netG_state_dict': ...}) or diffusers "
+                                "folder; empty: the generator chosen by -gen")
+        bool_flag(group, "-lrs", "--latent_rescale", True,
+                  "Gaussian-prior generators (DCGAN, Stable Diffusion): move each class centroid to the prior's typical "
+                  "norm before rendering it and sending it as q (0: render the class mean as it is, the paper)")
+        group.add_argument("--kt_norm", default="keep", choices=["update", "keep", "aux"],
+                           help="BatchNorm in the client's forward of generated images: 'update' lets them update the "
+                                "running statistics (the original code), 'keep' normalizes them with their batch "
+                                "statistics but leaves the running ones alone, 'aux' gives them their own BatchNorm "
+                                "affine parameters and statistics (auxiliary BN); no effect on models without BatchNorm")
+        group.add_argument("-gbs", "--gen_batch_size", type=int, default=4)
+        group.add_argument("--image_every", type=int, default=1,
+                           help="save the generated image grid every this many rounds (0: never)")
+        ablation = parser.add_argument_group("FedKTL ablations and the original code's behaviour (defaults: the paper)")
+        bool_flag(ablation, "-etf", "--etf", True, "ETF classifier (0: a plain linear head with cross-entropy)")
+        ablation.add_argument("-margin", "--margin", type=float, default=0.5,
+                              help="angular margin m of the ETF loss (0: no margin)")
+        ablation.add_argument("--margin_warmup", type=int, default=0,
+                              help="raise the margin linearly from 0 to -margin over this many rounds (0: full from the "
+                                   "start, the paper)")
+        ablation.add_argument("--client_grad_clip", type=float, default=100.0,
+                              help="FedKTL clients: gradient-norm clip (the paper's code: 100; 0: none)")
+        bool_flag(ablation, "-ft", "--feature_transformer", True,
+                  "train the feature transformer F (0: a fixed random linear map)")
+        bool_flag(ablation, "-mmd", "--mmd", True, "the MMD term of domain alignment")
+        bool_flag(ablation, "-cr", "--centroid_reset", True,
+                  "reset the centroids to class means of F(P) before and after alignment (the original: no effect)")
+        bool_flag(ablation, "-rp", "--reset_proj", False,
+                  "re-initialize each client's proj from the server's copy every round (the original's behaviour)")
+        transfer = parser.add_argument_group("FedKTL knowledge-transfer task (defaults: the paper; see the README's ablations)")
+        transfer.add_argument("--kt_pairs_per_class", type=int, default=1,
+                              help="image-vector pairs rendered per class each round: the centroid and N - 1 latents "
+                                   "around it (1: the centroid only, the paper)")
+        transfer.add_argument("--kt_pair_spread", type=float, default=0.3,
+                              help="where the extra latents of a class lie: (1 - s) * centroid + s * a fresh valid "
+                                   "latent, made renderable (0: copies of the centroid, 1: unrelated valid latents)")
+        bool_flag(transfer, "-kfn", "--kt_feature_norm", False,
+                  "proj reads L2-normalized features of the generated images, so the task cannot pull on the feature "
+                  "norm (0: raw features, the paper)")
+        transfer.add_argument("--mu_warmup", type=int, default=0,
+                              help="raise mu linearly from 0 over this many rounds (0: full mu from the start, the paper)")
+        bool_flag(transfer, "-kbg", "--kt_base_grad", True,
+                  "the transfer loss trains the feature extractor (0: only proj learns it; a diagnostic of how much of "
+                  "the task proj absorbs)")
+        bool_flag(transfer, "-kdiag", "--kt_diagnostics", False,
+                  "record, at every client step, the norms and cosine of the classification and the mu-weighted "
+                  "transfer gradients on the feature extractor (two extra backward passes; results unchanged)")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([
+            (args.server_batch_size >= 2, f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
+            (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
+            (args.margin >= 0, f"--margin must be >= 0, got {args.margin}"),
+            (args.margin_warmup >= 0, f"--margin_warmup must be >= 0, got {args.margin_warmup}"),
+            (args.kt_pairs_per_class >= 1, f"--kt_pairs_per_class must be >= 1, got {args.kt_pairs_per_class}"),
+            (0.0 <= args.kt_pair_spread <= 1.0, f"--kt_pair_spread must be in [0, 1], got {args.kt_pair_spread}"),
+            (args.mu is None or args.mu >= 0, f"-mu must be >= 0, got {args.mu}"),
+            (args.mu_warmup >= 0, f"--mu_warmup must be >= 0, got {args.mu_warmup}"),
+            (args.client_grad_clip >= 0, f"--client_grad_clip must be >= 0 (0: no clip), got {args.client_grad_clip}"),
+            (args.image_every >= 0, f"--image_every must be >= 0, got {args.image_every}"),
+        ])
+
+    def build_generator(self) -> GeneratorAdapter:
+        """The adapter of this server's generator (flcore/generators/adapter.py)."""
         raise NotImplementedError
 
     def prepare(self):
         self.image_generator = self.build_generator()
         latent_dim = self.image_generator.latent_dim
         defaults = self.image_generator.defaults
-        self.lam = self.args.lamda if self.args.lamda is not None else defaults["lam"]
-        self.mu = self.args.mu if self.args.mu is not None else defaults["mu"]
-        self.server_lr = (self.args.server_learning_rate if self.args.server_learning_rate is not None
-                          else defaults["slr"])
+        self.lamda = flag_or_default(self.args.lamda, defaults.lamda, "-lam", at_least=0)
+        self.mu = flag_or_default(self.args.mu, defaults.mu, "-mu", at_least=0)
+        self.server_lr = flag_or_default(self.args.server_learning_rate, defaults.server_lr, "-slr", above=0)
         self.torch_generator = torch.Generator().manual_seed(self.seed)
         self.etf = simplex_etf(self.num_classes, self.torch_generator)
         transformer_cls = FeatureTransformer if self.args.feature_transformer else FixedProjection
@@ -120,16 +189,19 @@ class ServerKTL(Server):
             reference = self.image_generator.sample_valid(NORM_REFERENCE_SAMPLES,
                                                           torch.Generator().manual_seed(self.seed + 1))
         self.valid_latent_norm = float(reference.float().norm(dim=1).mean())
-        tqdm.write(f"FedKTL: lambda {self.lam}, mu {self.mu}, server lr {self.server_lr}, latent dim {latent_dim}")
+        tqdm.write(f"FedKTL: lambda {self.lamda}, mu {self.mu}, server lr {self.server_lr}, latent dim {latent_dim}")
 
     def sample_valid(self, n):
         with torch.no_grad():
             return self.image_generator.sample_valid(n, self.torch_generator).float().to(self.device)
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientKTL(self.args, client_id, model, data, seed, self.device, train_slow,
-                         etf=self.etf if self.args.etf else None, latent_dim=self.image_generator.latent_dim,
-                         mu=self.mu)
+    def new_client(self, setup):
+        args = self.args
+        transfer = TransferSettings(
+            feature_dim=args.feature_dim, latent_dim=self.image_generator.latent_dim, mu=self.mu, margin=args.margin,
+            grad_clip=args.client_grad_clip, kt_norm=args.kt_norm, feature_norm=args.kt_feature_norm,
+            base_grad=args.kt_base_grad, diagnostics=args.kt_diagnostics)
+        return ClientKTL(setup, self.etf if args.etf else None, transfer)
 
     def margin_at(self, round_index):
         """The angular margin of a round: the full -margin, or raised linearly over --margin_warmup rounds."""
@@ -167,7 +239,7 @@ class ServerKTL(Server):
         with timer("align"):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
                                   labels.to(self.device), self.sample_valid, self.align_optimizer,
-                                  self.args.server_epochs, self.args.server_batch_size, self.lam,
+                                  self.args.server_epochs, self.args.server_batch_size, self.lamda,
                                   self.torch_generator, ALIGN_GRAD_CLIP, use_mmd=self.args.mmd,
                                   reset_centroids=self.args.centroid_reset,
                                   renderable=self.image_generator.renderable)

@@ -7,14 +7,13 @@ import os
 import torch
 from tqdm import tqdm
 
+from flcore.generators.adapter import PaperDefaults
 from flcore.generators.dcgan import rescale_to_norm, typical_gaussian_norm
 from flcore.servers.serverktl import ServerKTL
 from flutils.errors import UserError
+from flutils.options import bool_flag, raise_first_failed
 
 CUDA_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-# The loaded pipeline, keyed by how it was loaded: the runs of one process (-t) share it instead of re-loading.
-_loaded_pipeline = {}
 
 
 def pipeline_module():
@@ -35,14 +34,16 @@ def pipeline_dtype(name, device):
     return CUDA_DTYPES[name]
 
 
-def load_pipeline(module, args, device):
-    """The LatentsToImagePipeline of -GPath on `device`, loaded once per process for the same settings."""
-    folder = args.generator_path
+def load_pipeline(module, args, device, cache):
+    """The LatentsToImagePipeline of -GPath on `device`; the runs of one experiment (-t) share it through `cache`
+    (flcore/load_cache.py) instead of re-loading it, as long as they load it the same way."""
     dtype = pipeline_dtype(args.sd_dtype, device)
-    key = (os.path.realpath(folder), str(device), dtype, args.sd_attention_slicing, args.sd_vae_tiling)
-    if key in _loaded_pipeline:
-        return _loaded_pipeline[key]
-    _loaded_pipeline.clear()
+    key = (os.path.realpath(args.generator_path), str(device), dtype, args.sd_attention_slicing, args.sd_vae_tiling)
+    return cache.get("stable-diffusion pipeline", key, lambda: read_pipeline(module, args, device, dtype))
+
+
+def read_pipeline(module, args, device, dtype):
+    folder = args.generator_path
     try:
         pipeline = module.LatentsToImagePipeline.from_folder(folder, dtype)
     except module.PipelineFolderError as exc:
@@ -56,14 +57,13 @@ def load_pipeline(module, args, device):
         pipeline.enable_attention_slicing()
     if args.sd_vae_tiling:
         pipeline.vae.enable_tiling()
-    _loaded_pipeline[key] = pipeline
     return pipeline
 
 
 class StableDiffusionLatents:
     """Initial-noise-latent adapter. It holds the pipeline and the prompt embeddings, encoded once; nothing in it
     changes between rounds, so the server's checkpoints need none of it."""
-    defaults = {"lam": 0.01, "mu": 100.0, "slr": 0.1}
+    defaults = PaperDefaults(lamda=0.01, mu=100.0, server_lr=0.1)
 
     def __init__(self, pipeline, latent_shape, prompt, negative_prompt, steps, guidance_scale, rescale=True):
         self.pipeline = pipeline
@@ -94,17 +94,36 @@ class StableDiffusionLatents:
 
 
 class ServerKTLStableDiffusion(ServerKTL):
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedKTL-stable-diffusion")
+        group.add_argument("-prompt", "--stable_diffusion_prompt", default="a cat")
+        group.add_argument("--sd_steps", type=int, default=50, help="Stable Diffusion: denoising steps per image")
+        group.add_argument("--sd_guidance", type=float, default=7.5,
+                           help="Stable Diffusion: classifier-free guidance scale (<= 1: no guidance)")
+        group.add_argument("--sd_negative_prompt", default="", help="Stable Diffusion: negative prompt for guidance")
+        group.add_argument("--sd_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                           help="Stable Diffusion weights on CUDA (auto: float16); the CPU always uses float32")
+        group.add_argument("--sd_resolution", type=int, default=0,
+                           help="Stable Diffusion: image side in pixels, a multiple of 8 (0: the model's own, 512 for "
+                                "v1.5); lower is faster and shrinks the latent")
+        bool_flag(group, "-sdas", "--sd_attention_slicing", False, "Stable Diffusion: attention slicing (less GPU memory)")
+        bool_flag(group, "-sdvt", "--sd_vae_tiling", False, "Stable Diffusion: tiled VAE decoding (less GPU memory)")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([
+            (args.sd_steps >= 1, f"--sd_steps must be >= 1, got {args.sd_steps}"),
+            (args.sd_resolution >= 0, f"--sd_resolution must be >= 0 (0: the model's own), got {args.sd_resolution}"),
+        ])
+
     def build_generator(self):
         args = self.args
         module = pipeline_module()
         if not args.generator_path:
             raise UserError(f"-algo FedKTL-stable-diffusion needs -GPath <diffusers Stable Diffusion folder>, "
                             f"e.g. -GPath stable-diffusion/v1.5 (see {module.WEIGHTS_README} to get the weights)")
-        if args.sd_steps < 1:
-            raise UserError(f"--sd_steps must be >= 1, got {args.sd_steps}")
-        if args.sd_resolution < 0:
-            raise UserError(f"--sd_resolution must be >= 0 (0: the model's own), got {args.sd_resolution}")
-        pipeline = load_pipeline(module, args, self.device)
+        pipeline = load_pipeline(module, args, self.device, self.cache)
         resolution = args.sd_resolution or pipeline.default_resolution
         try:
             latent_shape = pipeline.latent_shape(resolution)

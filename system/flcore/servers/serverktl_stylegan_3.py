@@ -4,6 +4,7 @@ import torch
 from tqdm import tqdm
 
 from compact_stylegan import build_default_generator
+from flcore.generators.adapter import PaperDefaults
 from flcore.generators.dcgan import (
     FACE_DCGAN_INSTALL,
     DCGANLoadError,
@@ -47,9 +48,16 @@ class StyleGANLatents:
 
 
 class ServerKTLStyleGAN3(ServerKTL):
-    defaults = {"lam": 0.1, "mu": 50.0, "slr": 0.01}
+    defaults = PaperDefaults(lamda=0.1, mu=50.0, server_lr=0.01)
     builtin_c_dim = 0
     weights_readme = "stylegan/stylegan-3-models/README.md"
+
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedKTL-stylegan-3, FedKTL-stylegan-xl")
+        group.add_argument("-gen", "--generator", default="face-dcgan", choices=["face-dcgan", "untrained"],
+                           help="FedKTL-stylegan-* without -GPath: the pre-trained face DCGAN of gan-face-generate "
+                                "(falls back to untrained when it is not installed) or the untrained built-in generator")
 
     def build_generator(self):
         path = self.args.generator_path

@@ -1,5 +1,6 @@
 """FedKTL with StyleGAN-XL (the paper's default): as StyleGAN3, but class-conditional, so valid latents
 are mapped with random one-hot ImageNet labels."""
+from flcore.generators.adapter import PaperDefaults
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
 from flutils.errors import UserError
 
@@ -7,7 +8,7 @@ IMAGENET_CLASSES = 1000
 
 
 class ServerKTLStyleGANXL(ServerKTLStyleGAN3):
-    defaults = {"lam": 1.0, "mu": 50.0, "slr": 0.01}
+    defaults = PaperDefaults(lamda=1.0, mu=50.0, server_lr=0.01)
     builtin_c_dim = IMAGENET_CLASSES
     weights_readme = "stylegan/stylegan-xl-models/README.md"
 

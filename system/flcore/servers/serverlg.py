@@ -4,7 +4,8 @@ the heads, which have the same shape everywhere, are averaged on the server weig
 
 Per round: upload = (head floats) per arrived client; download = (head floats) per selected client, from the
 round after the first aggregation on."""
-from flcore.clients.clientlg import ClientLG, float_count, parameters_of, weighted_average
+from flcore.clients.clientlg import ClientLG
+from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
 from flutils.errors import UserError
 
@@ -14,8 +15,6 @@ def parameter_shapes(module):
 
 
 class ServerLG(Server):
-    client_class = ClientLG
-
     def prepare(self):
         self.global_head = None
 
@@ -25,9 +24,9 @@ class ServerLG(Server):
                             f"{model.model_name} head differs from client 0's {self.clients[0].model.model_name} "
                             f"head; choose a model family whose heads match (one without ViTs, e.g. HtFE8)")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        self.check_head(client_id, model)
-        return super().make_client(client_id, model, data, seed, train_slow)
+    def new_client(self, setup):
+        self.check_head(setup.client_id, setup.model)
+        return ClientLG(setup)
 
     def send(self, selected):
         if self.global_head is None:

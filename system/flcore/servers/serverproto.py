@@ -7,40 +7,12 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientproto import ClientFedProto
+from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
-from flutils.errors import UserError
+from flutils.options import flag_or_default
 
 # -lam's default for FedProto: the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
 FEDPROTO_LAMDA = 10.0
-
-
-def resolve_lamda(args, default):
-    lamda = args.lamda if args.lamda is not None else default
-    if lamda < 0:
-        raise UserError(f"-lam must be >= 0, got {lamda}")
-    return lamda
-
-
-def resolve_server_lr(args, default):
-    lr = args.server_learning_rate if args.server_learning_rate is not None else default
-    if lr <= 0:
-        raise UserError(f"-slr must be > 0, got {lr}")
-    return lr
-
-
-def train_on_rows(batch_loss, parameters, rows, args, lr, generator):
-    """-se epochs of SGD on `batch_loss(row indices)` over the uploaded rows, shuffled, in batches of -lbs
-    (the server batch size the reference library uses for FedGH and FedTGP); returns the last epoch's mean loss."""
-    optimizer = torch.optim.SGD(parameters, lr=lr)
-    for _ in range(args.server_epochs):
-        losses = []
-        for index in torch.randperm(rows, generator=generator).split(args.batch_size):
-            loss = batch_loss(index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return sum(losses) / len(losses)
 
 
 class PrototypeServer(Server):
@@ -100,13 +72,13 @@ class PrototypeServer(Server):
 class ServerFedProto(PrototypeServer):
     def prepare(self):
         super().prepare()
-        self.lamda = resolve_lamda(self.args, FEDPROTO_LAMDA)
+        self.lamda = flag_or_default(self.args.lamda, FEDPROTO_LAMDA, "-lam", at_least=0)
         self.global_prototypes = torch.zeros(self.num_classes, self.args.feature_dim, device=self.device)
         self.present = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
         tqdm.write(f"FedProto: lambda {self.lamda}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientFedProto(self.args, client_id, model, data, seed, self.device, train_slow, lamda=self.lamda)
+    def new_client(self, setup):
+        return ClientFedProto(setup, lamda=self.lamda)
 
     def upload_size(self, means, classes, counts):
         """Class means and their sample counts (the weights of the average)."""
@@ -114,10 +86,8 @@ class ServerFedProto(PrototypeServer):
 
     def aggregate(self, means, classes, counts):
         """A class that no arrived client holds keeps its previous global prototype."""
-        sums = torch.zeros_like(self.global_prototypes).index_add_(0, classes, means * counts[:, None])
-        totals = torch.zeros(self.num_classes, device=self.device).index_add_(0, classes, counts)
+        averages, totals = per_class_means(means, classes, self.num_classes, weights=counts)
         arrived = totals > 0
-        averages = sums / totals.clamp(min=1)[:, None]
         self.global_prototypes = torch.where(arrived[:, None], averages, self.global_prototypes)
         self.present = self.present | arrived
 

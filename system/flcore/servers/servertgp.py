@@ -7,8 +7,10 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clienttgp import ClientFedTGP
-from flcore.servers.serverproto import PrototypeServer, resolve_lamda, resolve_server_lr, train_on_rows
-from flutils.errors import UserError
+from flcore.per_class import per_class_means
+from flcore.server_training import train_on_rows
+from flcore.servers.serverproto import PrototypeServer
+from flutils.options import flag_or_default, raise_first_failed
 
 # -lam's default for FedTGP: the paper's own run script (TsingZ0/FedTGP system/run_me.sh, -lam 10).
 FEDTGP_LAMDA = 10.0
@@ -30,12 +32,11 @@ class TrainablePrototypes(nn.Module):
 def adaptive_margin(prototypes, classes, num_classes, threshold):
     """min(max over classes of the distance from a class's mean client prototype to the nearest other class's,
     threshold); 0 when fewer than two classes arrived."""
-    sums = torch.zeros(num_classes, prototypes.shape[1], device=prototypes.device).index_add_(0, classes, prototypes)
-    counts = torch.bincount(classes, minlength=num_classes)
+    means, counts = per_class_means(prototypes, classes, num_classes)
     present = torch.nonzero(counts).squeeze(1)
     if len(present) < 2:
         return 0.0
-    centers = sums[present] / counts[present, None]
+    centers = means[present]
     distances = torch.cdist(centers, centers)
     distances.fill_diagonal_(float("inf"))
     return min(float(distances.min(1).values.max()), threshold)
@@ -53,21 +54,30 @@ def margin_contrastive_loss(features, labels, prototypes, margin):
 class ServerFedTGP(PrototypeServer):
     metric_names = ("server_loss", "margin")
 
+    @classmethod
+    def add_flags(cls, parser):
+        group = parser.add_argument_group("FedTGP", "-lam defaults to 10, -slr to -lr; trains on the server for -se epochs in batches of -lbs")
+        group.add_argument("-mart", "--margin_threshold", type=float, default=100.0,
+                           help="FedTGP: upper bound of the adaptive margin (the reference library)")
+
+    @classmethod
+    def check_flags(cls, args):
+        raise_first_failed([(args.margin_threshold >= 0, f"-mart must be >= 0, got {args.margin_threshold}")])
+
     def prepare(self):
         super().prepare()
-        self.lamda = resolve_lamda(self.args, FEDTGP_LAMDA)
+        self.lamda = flag_or_default(self.args.lamda, FEDTGP_LAMDA, "-lam", at_least=0)
         # The reference trains the prototypes at the clients' learning rate.
-        self.server_lr = resolve_server_lr(self.args, self.args.local_learning_rate)
-        if self.args.margin_threshold < 0:
-            raise UserError(f"-mart must be >= 0, got {self.args.margin_threshold}")
+        self.server_lr = flag_or_default(self.args.server_learning_rate, self.args.local_learning_rate, "-slr",
+                                         above=0)
         self.prototype_net = TrainablePrototypes(self.num_classes, self.args.feature_dim).to(self.device)
         self.shuffle_generator = torch.Generator().manual_seed(self.seed)
         self.global_prototypes = None
         tqdm.write(f"FedTGP: lambda {self.lamda}, server lr {self.server_lr}, "
                    f"server epochs {self.args.server_epochs}, margin threshold {self.args.margin_threshold}")
 
-    def make_client(self, client_id, model, data, seed, train_slow):
-        return ClientFedTGP(self.args, client_id, model, data, seed, self.device, train_slow, lamda=self.lamda)
+    def new_client(self, setup):
+        return ClientFedTGP(setup, lamda=self.lamda)
 
     def aggregate(self, means, classes, counts):
         margin = adaptive_margin(means, classes, self.num_classes, self.args.margin_threshold)
@@ -75,8 +85,8 @@ class ServerFedTGP(PrototypeServer):
         def loss(index):
             return margin_contrastive_loss(means[index], classes[index], self.prototype_net(), margin)
 
-        server_loss = train_on_rows(loss, self.prototype_net.parameters(), len(classes), self.args,
-                                    self.server_lr, self.shuffle_generator)
+        server_loss = train_on_rows(loss, self.prototype_net.parameters(), len(classes), self.args.server_epochs,
+                                    self.args.batch_size, self.server_lr, self.shuffle_generator)
         with torch.no_grad():
             self.global_prototypes = self.prototype_net()
         self.round_metrics = {"server_loss": server_loss, "margin": margin}
