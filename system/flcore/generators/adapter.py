@@ -1,7 +1,7 @@
 """The contract between FedKTL's loop (flcore/servers/serverktl.py) and a generator: a small adapter per generator
 says how to draw valid latents, which latents it renders well, and how to render them."""
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -14,6 +14,7 @@ class PaperDefaults:
     server_lr: float  # learning rate of domain alignment
 
 
+@runtime_checkable
 class GeneratorAdapter(Protocol):
     latent_dim: int
     defaults: PaperDefaults
@@ -25,4 +26,4 @@ class GeneratorAdapter(Protocol):
         """The latents the generator renders well nearest to `latents` (the identity for StyleGAN's W)."""
 
     def render(self, latents: torch.Tensor) -> torch.Tensor:
-        """One image per latent, [n, C, H, W] in [-1, 1]."""
+        """One image per latent, [n, C, H, W], nominally in [-1, 1] (the loop clamps to it)."""
