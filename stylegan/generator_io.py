@@ -4,7 +4,7 @@ Loading goes through ``stylegan/stylegan-utils``, the project's implementation o
 NVIDIA's network pickles import (``dnnlib``, ``torch_utils``, ``legacy``); this module puts that
 folder on sys.path itself. NVIDIA's official pickles (StyleGAN2/2-ADA/3, StyleGAN-XL) load with it,
 and so do pickles written here: by default they store the generator's classes by module path
-(``compact_stylegan``, found with ``<repo>/stylegan`` on sys.path); ``self_contained=True`` embeds
+(``compact_stylegan``, importable once the project is installed: ``pip install -e .``); ``self_contained=True`` embeds
 the source instead, as NVIDIA's pickles do. Unpickling runs code from the file: load only pickles
 from sources you trust.
 """
@@ -31,7 +31,9 @@ class GeneratorLoadError(ValueError):
 
 def add_stylegan_utils_to_path() -> None:
     """Puts stylegan/stylegan-utils first on sys.path, so the module names NVIDIA's pickles and
-    network code import (dnnlib, torch_utils, legacy) resolve to the project's implementation."""
+    network code import (dnnlib, torch_utils, legacy) resolve to the project's implementation. The project's only
+    sys.path change: the pickles name those modules as top-level ones, so they cannot be an installed package
+    without claiming such generic names for every program in the environment."""
     if STYLEGAN_UTILS_DIR not in sys.path:
         sys.path.insert(0, STYLEGAN_UTILS_DIR)
 
@@ -78,8 +80,8 @@ def save_generator_pickle(G: nn.Module, path, self_contained: bool = False) -> N
 
 def _missing_module_error(path, module_name):
     return GeneratorLoadError(
-        f"{path} needs the module '{module_name}' to unpickle: install it or put its folder on "
-        f"sys.path (for compact_stylegan, <repo>/stylegan) ({DOWNLOAD_HINT})")
+        f"{path} needs the module '{module_name}' to unpickle: install it (compact_stylegan comes with this "
+        f"project: pip install -e .) ({DOWNLOAD_HINT})")
 
 
 def _unpickle(path, legacy):
