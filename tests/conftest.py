@@ -1,8 +1,17 @@
 """Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
-import pytest
+import json
+import os
 
+import pytest
+import torch
+
+from flcore.algorithms import server_class
+from flcore.servers.serverbase import PhaseTimer
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
+from flutils.data import load_federated_dataset
+from flutils.options import parse_args
+from flutils.results import read_h5, run_name
 
 
 @pytest.fixture(scope="session")
@@ -13,20 +22,141 @@ def digits_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def small_run(digits_root, tmp_path):
-    """Builds main.py flags for a small, fast CPU run on the session's Digits dataset."""
-    def argv(*extra, dataset_dir=digits_root):
+@pytest.fixture(scope="session")
+def small_argv(digits_root):
+    """main.py flags for a small, fast CPU run on the session's Digits dataset, writing into `results_dir`
+    (for fixtures that outlive one test; tests use small_run)."""
+    def argv(results_dir, *extra, dataset_dir=digits_root):
         return ["-data", "Digits", "-nb", "10", "-nc", "4", "-dev", "cpu", "-m", "HtCPU4", "-fd", "64",
-                "--dataset_dir", str(dataset_dir), "--results_dir", str(tmp_path / "results"), *extra]
+                "--dataset_dir", str(dataset_dir), "--results_dir", str(results_dir), *extra]
     return argv
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for the test (tiny models train faster so, above all on a busy machine); restored after."""
-    import torch
+@pytest.fixture
+def small_run(small_argv, digits_root, tmp_path):
+    """Builds main.py flags for a small, fast CPU run on the session's Digits dataset, results in tmp_path."""
+    def argv(*extra, dataset_dir=digits_root):
+        return small_argv(tmp_path / "results", *extra, dataset_dir=dataset_dir)
+    return argv
 
+
+@pytest.fixture(scope="session")
+def server_from_argv():
+    """The one place tests build a server (and with it its clients): run 0 of argv's -algo on the CPU."""
+    def build(argv, cache=None):
+        args = parse_args(argv)
+        return server_class(args.algorithm)(args, load_federated_dataset(args), 0, torch.device("cpu"), cache)
+    return build
+
+
+@pytest.fixture
+def make_server(small_run, server_from_argv):
+    """make_server(algorithm, *flags): the server of a small_run of `algorithm` with `flags`."""
+    def build(algorithm, *flags):
+        return server_from_argv(small_run("-algo", algorithm, *flags))
+    return build
+
+
+@pytest.fixture(scope="session")
+def round_timer():
+    """round_timer(server): the per-phase timer that server.server_round(arrived, timer) takes."""
+    def timer(server):
+        return PhaseTimer(server.phases, server.device)
+    return timer
+
+
+@pytest.fixture(scope="session")
+def fixed_batch():
+    """fixed_batch(client): the client's first 8 training samples, on its device."""
+    def batch(client):
+        return client.to_device(client.train_x[:8], client.train_y[:8])
+    return batch
+
+
+@pytest.fixture(scope="session")
+def results_dir():
+    """results_dir(argv): the --results_dir of main.py flags."""
+    def folder(argv):
+        return argv[argv.index("--results_dir") + 1]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def results_of():
+    """results_of(argv, run=0): the .h5 that main.py wrote for one run of these flags, as read_h5 reads it."""
+    def read(argv, run=0):
+        args = parse_args(argv)
+        return read_h5(os.path.join(args.results_dir, run_name(args, run) + ".h5"))
+    return read
+
+
+@pytest.fixture
+def error_line(capsys):
+    """error_line(main, *arguments): calls a command line's main in-process, checks that it exits with 2 after
+    printing exactly one line, `error: ...`, to stderr, and returns that line."""
+    def run(main, *arguments):
+        capsys.readouterr()
+        assert main(*arguments) == 2
+        stderr = capsys.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+        return lines[0]
+    return run
+
+
+def write_tokenizer_files(folder):
+    """A character-level CLIP vocabulary (no merges) covering the prompts the tests use."""
+    letters = sorted(set("acdgthoblurypf"))
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [letter + "</w>" for letter in letters]
+    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_path, "w") as f:
+        json.dump({token: i for i, token in enumerate(tokens)}, f)
+    with open(merges_path, "w") as f:
+        f.write("#version: 0.2\n")
+    return vocab_path, merges_path, len(tokens)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline(tmp_path_factory):
+    """The folder of a random-weight, Stable-Diffusion-shaped diffusers pipeline (8x VAE down-scaling, 4 latent
+    channels, CLIP text encoder, UNet sample size 8: 64x64 images), to load through -GPath like real weights. The
+    character vocabulary it was made with (vocab.json, merges.txt) lies in the folder above it."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = str(tmp_path_factory.mktemp("tiny_sd"))
+    vocab_path, merges_path, vocab_size = write_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64)
+    # Euler's init_noise_sigma is far from 1, so a missing or doubled scale shows.
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    path = os.path.join(folder, "pipeline")
+    pipeline.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every test runs torch on one thread: batches of a few small images gain nothing from a second one, and on a
+    busy machine its OpenMP thread spin-waits (test_models.py took 19 s with one thread, 90-200 s with two, on a
+    loaded 2-core box). Restored after the session."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from flcore.ktl_ops import etf_cosines
-from flcore.servers.serverbase import PhaseTimer
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
 from flutils import experiment, results_table
@@ -17,15 +15,8 @@ from flutils.data import load_federated_dataset
 from flutils.options import parse_args
 
 FAST_SERVER = ["-se", "5", "-sbs", "8"]
-
-
-def make_server(small_run, *extra):
-    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", *FAST_SERVER, "--image_every", "0", *extra))
-    return ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
-
-
-def one_server_round(server):
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+# make_server's algorithm and flags: a short domain alignment and no image grids.
+FAST_KTL = ["FedKTL-stylegan-3", *FAST_SERVER, "--image_every", "0"]
 
 
 def model_states(server):
@@ -41,61 +32,58 @@ def train_rounds(server, rounds):
     server.train()
 
 
-def test_mu_zero_gives_the_same_models_as_no_generated_data(small_run, monkeypatch):
-    with_pairs = make_server(small_run, "-mu", "0")
-    without_pairs = make_server(small_run, "-mu", "0")
+def test_mu_zero_gives_the_same_models_as_no_generated_data(make_server, monkeypatch):
+    with_pairs = make_server(*FAST_KTL, "-mu", "0")
+    without_pairs = make_server(*FAST_KTL, "-mu", "0")
     monkeypatch.setattr(without_pairs, "send", lambda selected: None)
     train_rounds(with_pairs, 2)
     train_rounds(without_pairs, 2)
     assert with_pairs.clients[0].pair_latents is not None and without_pairs.clients[0].pair_latents is None
     assert same_states(model_states(with_pairs), model_states(without_pairs))
 
-    transfer = make_server(small_run, "-mu", "50")
+    transfer = make_server(*FAST_KTL, "-mu", "50")
     train_rounds(transfer, 2)
     assert not same_states(model_states(transfer), model_states(with_pairs)), "mu > 0 must change the models"
 
 
-def fixed_batch(client):
+def test_etf_off_uses_a_plain_linear_head(make_server, fixed_batch):
+    client = make_server(*FAST_KTL, "-etf", "0").clients[0]
     client.model.eval()
-    return client.to_device(client.train_x[:8], client.train_y[:8])
-
-
-def test_etf_off_uses_a_plain_linear_head(small_run):
-    client = make_server(small_run, "-etf", "0").clients[0]
     x, y = fixed_batch(client)
     assert client.etf is None
     assert torch.equal(client.scores(x), client.model(x))
     assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(client.model(x), y).item(), rel=1e-6)
 
 
-def test_margin_zero_is_plain_scaled_cosine_softmax(small_run):
-    client = make_server(small_run, "-margin", "0").clients[0]
+def test_margin_zero_is_plain_scaled_cosine_softmax(make_server, fixed_batch):
+    client = make_server(*FAST_KTL, "-margin", "0").clients[0]
+    client.model.eval()
     x, y = fixed_batch(client)
     cosines = etf_cosines(client.model(x), client.etf)
     assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(64 * cosines, y).item(), rel=1e-6)
-    with_margin = make_server(small_run).clients[0]
+    with_margin = make_server(*FAST_KTL).clients[0]
     assert with_margin.training_loss(x, y).item() > client.training_loss(x, y).item()
 
 
-def test_feature_transformer_off_stays_fixed(small_run):
-    server = make_server(small_run, "-ft", "0")
+def test_feature_transformer_off_stays_fixed(make_server, round_timer):
+    server = make_server(*FAST_KTL, "-ft", "0")
     before = {k: v.clone() for k, v in server.transformer.state_dict().items()}
     assert not any(p.requires_grad for p in server.transformer.parameters())
-    one_server_round(server)
+    server.server_round(server.clients, round_timer(server))
     assert all(torch.equal(before[k], v) for k, v in server.transformer.state_dict().items())
 
-    trained = make_server(small_run)
+    trained = make_server(*FAST_KTL)
     before = {k: v.clone() for k, v in trained.transformer.state_dict().items()}
-    one_server_round(trained)
+    trained.server_round(trained.clients, round_timer(trained))
     assert not all(torch.equal(before[k], v) for k, v in trained.transformer.state_dict().items())
 
 
-def test_mmd_off(small_run):
-    server = make_server(small_run, "-mmd", "0")
-    one_server_round(server)
+def test_mmd_off(make_server, round_timer):
+    server = make_server(*FAST_KTL, "-mmd", "0")
+    server.server_round(server.clients, round_timer(server))
     assert server.round_metrics["align_mmd"] == 0.0
-    server = make_server(small_run)
-    one_server_round(server)
+    server = make_server(*FAST_KTL)
+    server.server_round(server.clients, round_timer(server))
     assert server.round_metrics["align_mmd"] > 0.0
 
 
@@ -109,18 +97,18 @@ def class_means(server):
 
 
 @pytest.mark.parametrize("reset", ["1", "0"])
-def test_centroid_reset(small_run, reset):
-    server = make_server(small_run, "-cr", reset)
-    one_server_round(server)
+def test_centroid_reset(make_server, round_timer, reset):
+    server = make_server(*FAST_KTL, "-cr", reset)
+    server.server_round(server.clients, round_timer(server))
     means = class_means(server)
     renderable = server.image_generator.renderable  # the face DCGAN's: class means moved to the typical norm
     matches = [torch.allclose(server.centroids[c], renderable(m[None])[0], atol=1e-5) for c, m in means.items()]
     assert all(matches) if reset == "1" else not any(matches)
 
 
-def test_reset_proj_sends_proj_every_round(small_run):
-    server = make_server(small_run, "-rp", "1")
-    one_server_round(server)
+def test_reset_proj_sends_proj_every_round(make_server, round_timer):
+    server = make_server(*FAST_KTL, "-rp", "1")
+    server.server_round(server.clients, round_timer(server))
     server.send(server.clients)
     client = server.clients[0]
     with torch.no_grad():
@@ -143,29 +131,28 @@ def test_shots_keep_k_samples_per_class(small_run):
         assert torch.equal(b.test_y, a.test_y), "the test split is untouched"
 
 
-def test_cloud_edge_single_client_k_shot(tmp_path):
+def test_cloud_edge_single_client_k_shot(tmp_path, results_of):
     root = tmp_path / "data"
     assert run_generation(DIGITS, ["--num-clients", "1", "--partition", "iid", "--out", str(root / "Digits")]) == 0
     argv = ["-data", "Digits", "-nb", "10", "-nc", "1", "-m", "cnn4", "-dev", "cpu", "-fd", "64", "--shots", "5",
             "-algo", "FedKTL-stylegan-3", "-gr", "2", *FAST_SERVER, "--dataset_dir", str(root),
             "--results_dir", str(tmp_path / "results")]
     assert experiment.main(argv) == 0
-    data = results_table.read_h5(str(tmp_path / "results" / "Digits_FedKTL-stylegan-3_test_0.h5"))
+    data = results_of(argv)
     assert np.all(data["upload_floats"] == 10 * 10), "one client uploads a K-dim prototype for each of 10 classes"
     assert len(data["rs_test_acc"]) == 3 and data["rs_test_acc"].max() > 0.1
 
 
-def test_results_table_summarizes_runs(small_run, capsys):
+def test_results_table_summarizes_runs(small_run, results_dir, results_of, capsys):
     argv = small_run("-algo", "Local", "-gr", "1", "-t", "2", "-go", "table")
     assert experiment.main(argv) == 0
-    results = argv[argv.index("--results_dir") + 1]
+    results = results_dir(argv)
     capsys.readouterr()
     out_file = os.path.join(results, "table.md")
     assert results_table.main(["--dataset", "Digits", "--goal", "table", "--results_dir", results,
                                "--out", out_file]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| Local ")][0]
-    best = [results_table.read_h5(os.path.join(results, f"Digits_Local_table_{r}.h5"))["rs_test_acc"].max() * 100
-            for r in range(2)]
+    best = [results_of(argv, run)["rs_test_acc"].max() * 100 for run in range(2)]
     assert f"{np.mean(best):.2f} +- {np.std(best):.2f} | 2 | 0.0000 | 0.0000 |" in row
     assert open(out_file).read().strip().endswith(row)
     assert results_table.main(["--dataset", "Nope", "--results_dir", results]) == 2

@@ -1,39 +1,23 @@
-"""FedDistill, FML, LG-FedAvg and FedGen: end-to-end runs, communication counts by hand, their losses, resume."""
-import os
-
+"""FedDistill, FML, LG-FedAvg and FedGen: end-to-end runs, communication counts by hand, their losses."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flcore.algorithms import server_class
-from flcore.servers.serverbase import PhaseTimer
 from flcore.trainmodel import build_model
 from flutils import experiment
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
 from flutils.options import parse_args
-from flutils.results import read_h5
 
 K, FEATURE_DIM, NOISE_DIM, HIDDEN_DIM = 10, 64, 32, 32
-# Few shots, one thread (much faster than two on a busy 2-core machine), a small generator: a few seconds a run.
-FAST = ["--shots", "20", "--num_threads", "1", "-se", "10", "-nd", str(NOISE_DIM), "-hd", str(HIDDEN_DIM)]
+# Few shots and a small generator: a few seconds a run.
+FEW_SHOTS = ["--shots", "20"]
+SMALL_GENERATOR = ["-se", "10", "-nd", str(NOISE_DIM), "-hd", str(HIDDEN_DIM)]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def make_server(small_run, algorithm, *extra):
-    args = parse_args(small_run("-algo", algorithm, *FAST, *extra))
-    return server_class(algorithm)(args, load_federated_dataset(args), 0, torch.device("cpu"))
-
-
-def timer(server):
-    return PhaseTimer(server.phases, server.device)
-
-
-def results_of(argv, algorithm):
-    return read_h5(os.path.join(argv[argv.index("--results_dir") + 1], f"Digits_{algorithm}_test_0.h5"))
+def fast_flags(algorithm):
+    return FEW_SHOTS + (SMALL_GENERATOR if algorithm == "FedGen" else [])
 
 
 def head_floats():
@@ -65,10 +49,10 @@ def expected_floats(algorithm, dataset):
 
 
 @pytest.mark.parametrize("algorithm", ["FedDistill", "FD", "FML", "LG-FedAvg", "LG", "FedGen"])
-def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, algorithm):
-    argv = small_run("-algo", algorithm, "-gr", "2", *FAST)
+def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, results_of, algorithm):
+    argv = small_run("-algo", algorithm, "-gr", "2", *fast_flags(algorithm))
     assert experiment.main(argv) == 0
-    data = results_of(argv, algorithm)
+    data = results_of(argv)
     # After sending the averaged heads, heterogeneous clients start slowly (LG, FedGen): above chance and learning.
     assert data["rs_test_acc"].max() > 0.1, "should beat chance (0.1) on label-skewed Digits"
     assert data["rs_test_auc"][-1] > data["rs_test_auc"][0] + 0.05, "the models should learn"
@@ -79,16 +63,12 @@ def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, algori
         assert len(data["generator_loss"]) == 2 and np.all(np.isfinite(data["generator_loss"]))
 
 
-def fixed_batch(client):
-    return client.to_device(client.train_x[:8], client.train_y[:8])
-
-
-def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(small_run):
-    server = make_server(small_run, "LG")
+def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(make_server, round_timer):
+    server = make_server("LG", *FEW_SHOTS)
     arrived = server.clients[:3]
     weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
     expected = sum(w * c.model.head.weight.detach() for w, c in zip(weights / weights.sum(), arrived))
-    server.server_round(arrived, timer(server))
+    server.server_round(arrived, round_timer(server))
     assert server.upload_floats == 3 * head_floats()
     torch.testing.assert_close(server.global_head["weight"], expected)
 
@@ -100,16 +80,16 @@ def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(sma
     assert torch.equal(server.clients[3].model.head.weight, untouched)
 
 
-def test_head_sharing_refuses_heads_of_another_shape(small_run):
-    server = make_server(small_run, "LG-FedAvg")
+def test_head_sharing_refuses_heads_of_another_shape(make_server):
+    server = make_server("LG-FedAvg", *FEW_SHOTS)
     other = build_model("tiny_cnn", K, FEATURE_DIM * 2, 3, 32)
     with pytest.raises(UserError, match="heads match"):
         server.check_head(1, other)
 
 
 @pytest.mark.parametrize("lam", ["0", "1"])
-def test_feddistill_loss_and_per_class_average(small_run, lam):
-    server = make_server(small_run, "FedDistill", "-lam", lam)
+def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_batch, lam):
+    server = make_server("FedDistill", *FEW_SHOTS, "-lam", lam)
     client = server.clients[1]
     x, y = fixed_batch(client)
     client.model.eval()
@@ -119,7 +99,7 @@ def test_feddistill_loss_and_per_class_average(small_run, lam):
     for c in server.clients:
         c.train()
     uploads = [c.class_logits() for c in server.clients]
-    server.server_round(server.clients, timer(server))
+    server.server_round(server.clients, round_timer(server))
     for row, cls in zip(server.global_logits, server.global_classes.tolist()):
         rows = [logits[(classes == cls).nonzero().item()] for logits, classes in uploads if cls in classes]
         torch.testing.assert_close(row, torch.stack(rows).mean(0))
@@ -135,11 +115,11 @@ def test_feddistill_loss_and_per_class_average(small_run, lam):
         assert squared.item() > 0
 
 
-def test_feddistill_default_lambda_and_bad_lambda(small_run):
-    assert make_server(small_run, "FedDistill").lam == 1.0
-    assert make_server(small_run, "FD", "-lam", "0.3").lam == 0.3
+def test_feddistill_default_lambda_and_bad_lambda(make_server):
+    assert make_server("FedDistill", *FEW_SHOTS).lamda == 1.0
+    assert make_server("FD", *FEW_SHOTS, "-lam", "0.3").lamda == 0.3
     with pytest.raises(UserError, match="-lam"):
-        make_server(small_run, "FedDistill", "-lam", "-1")
+        make_server("FedDistill", *FEW_SHOTS, "-lam", "-1")
 
 
 def kl(teacher_logits, student_logits):
@@ -148,8 +128,8 @@ def kl(teacher_logits, student_logits):
 
 
 @pytest.mark.parametrize("alpha,beta", [("1", "1"), ("0.5", "0.5"), ("0.2", "0.9")])
-def test_fml_mutual_loss(small_run, alpha, beta):
-    server = make_server(small_run, "FML", "-al", alpha, "-bt", beta)
+def test_fml_mutual_loss(make_server, fixed_batch, alpha, beta):
+    server = make_server("FML", *FEW_SHOTS, "-al", alpha, "-bt", beta)
     client = server.clients[0]
     x, y = fixed_batch(client)
     client.model.eval()
@@ -162,8 +142,8 @@ def test_fml_mutual_loss(small_run, alpha, beta):
     assert kl(meme, local).item() > 0, "the models disagree, so the KL terms matter when alpha, beta < 1"
 
 
-def test_fml_averages_shared_models_and_every_client_starts_from_one(small_run):
-    server = make_server(small_run, "FML")
+def test_fml_averages_shared_models_and_every_client_starts_from_one(make_server, round_timer):
+    server = make_server("FML", *FEW_SHOTS)
     first = server.clients[0].meme.state_dict()
     assert all(torch.equal(first[k], c.meme.state_dict()[k]) for c in server.clients for k in first)
     for c in server.clients[:2]:
@@ -172,7 +152,7 @@ def test_fml_averages_shared_models_and_every_client_starts_from_one(small_run):
     weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
     name = next(iter(server.global_meme))
     expected = sum(w * dict(c.meme.named_parameters())[name].detach() for w, c in zip(weights / weights.sum(), arrived))
-    server.server_round(arrived, timer(server))
+    server.server_round(arrived, round_timer(server))
     assert server.upload_floats == 2 * fml_model_floats()
     torch.testing.assert_close(server.global_meme[name], expected)
     server.send(server.clients[2:])
@@ -181,19 +161,19 @@ def test_fml_averages_shared_models_and_every_client_starts_from_one(small_run):
 
 @pytest.mark.parametrize("flags,fragment", [(["-al", "1.5"], "-al"), (["-bt", "-0.1"], "-bt"),
                                             (["--fml_model", "nope"], "--fml_model")])
-def test_fml_rejects_bad_flags(small_run, flags, fragment):
+def test_fml_rejects_bad_flags(make_server, flags, fragment):
     with pytest.raises(UserError, match=fragment):
-        make_server(small_run, "FML", *flags)
+        make_server("FML", *FEW_SHOTS, *flags)
 
 
-def test_fedgen_client_loss_adds_the_generated_feature_term(small_run):
-    server = make_server(small_run, "FedGen")
+def test_fedgen_client_loss_adds_the_generated_feature_term(make_server, round_timer, fixed_batch):
+    server = make_server("FedGen", *fast_flags("FedGen"))
     client = server.clients[2]
     x, y = fixed_batch(client)
     client.model.eval()
     assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(client.model(x), y).item(), rel=1e-6)
 
-    server.server_round(server.clients, timer(server))
+    server.server_round(server.clients, round_timer(server))
     counts = sum(torch.bincount(c.train_y, minlength=K) for c in server.clients).float()
     torch.testing.assert_close(server.label_prior, counts / counts.sum())
     server.send([client])
@@ -211,8 +191,8 @@ def test_fedgen_client_loss_adds_the_generated_feature_term(small_run):
     assert generated > 0 and loss == pytest.approx(expected, rel=1e-5)
 
 
-def test_fedgen_generator_learns_from_the_heads(small_run):
-    server = make_server(small_run, "FedGen", "-se", "60", "-glr", "0.01")
+def test_fedgen_generator_learns_from_the_heads(make_server, round_timer):
+    server = make_server("FedGen", *fast_flags("FedGen"), "-se", "60", "-glr", "0.01")
     for c in server.clients:
         c.train()
     labels = torch.arange(K).repeat(20)
@@ -226,36 +206,5 @@ def test_fedgen_generator_learns_from_the_heads(small_run):
 
     server.receive_heads(server.clients)
     before = global_head_loss()
-    server.server_round(server.clients, timer(server))
+    server.server_round(server.clients, round_timer(server))
     assert global_head_loss() < before
-
-
-class Interrupted(Exception):
-    pass
-
-
-@pytest.mark.parametrize("algorithm", ["FedGen", "FML"])
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp_path, monkeypatch, algorithm):
-    reference = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck_ref"))
-    assert experiment.main(reference) == 0
-    expected = results_of(reference, algorithm)
-
-    argv = small_run("-algo", algorithm, "-gr", "2", *FAST, "-sfn", str(tmp_path / "ck"))
-    argv[argv.index("--results_dir") + 1] = str(tmp_path / "resumed")
-    cls = server_class(algorithm)
-    finish_round = cls.server_round
-
-    def stop_in_round_one(self, arrived, round_timer):
-        if self.round == 1:
-            raise Interrupted
-        finish_round(self, arrived, round_timer)
-
-    monkeypatch.setattr(cls, "server_round", stop_in_round_one)
-    with pytest.raises(Interrupted):
-        experiment.main(argv)
-    monkeypatch.undo()
-    assert experiment.main(argv + ["--resume"]) == 0
-    resumed = results_of(argv, algorithm)
-    keys = ["rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats", "eval_rounds"]
-    for key in keys + (["generator_loss"] if algorithm == "FedGen" else []):
-        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)

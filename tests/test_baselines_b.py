@@ -1,25 +1,22 @@
 """FedProto, FedKD, FedGH and FedTGP: end to end on Digits, communication counted by hand, the prototype
-classifier and regularizer, SVD compression, and resuming after an interruption."""
-import os
-
+classifier and regularizer, SVD compression."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flcore.algorithms import server_class
-from flcore.clients.clientkd import kept_rank, packed_floats, shared_state, svd_compress, svd_decompress
+from flcore.clients.clientbase import ClientSetup
+from flcore.clients.clientkd import shared_state
 from flcore.clients.clientproto import ClientFedProto
 from flcore.clients.clienttgp import ClientFedTGP
-from flcore.servers.serverbase import PhaseTimer, Server
 from flcore.servers.servertgp import adaptive_margin
+from flcore.svd import kept_rank, packed_floats, svd_compress, svd_decompress
 from flcore.trainmodel import BaseHeadSplit
 from flutils import experiment
 from flutils.data import ClientData, load_federated_dataset
 from flutils.errors import UserError
 from flutils.options import parse_args
-from flutils.results import read_h5
 
 D = 64  # small_run's feature dimension
 K = 10
@@ -27,37 +24,25 @@ CLIENTS = 4
 CPU = torch.device("cpu")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def results_of(argv, algorithm):
-    return read_h5(os.path.join(argv[argv.index("--results_dir") + 1], f"Digits_{algorithm}_test_0.h5"))
-
-
-def run_two_rounds(small_run, algorithm, *extra):
-    argv = small_run("-algo", algorithm, "-gr", "2", *extra)
-    assert experiment.main(argv) == 0
-    data = results_of(argv, algorithm)
-    assert data["rs_test_acc"].max() > 0.1, f"{algorithm} should beat chance (0.1) on Digits"
-    assert len(data["upload_floats"]) == 2
-    return argv, data
+@pytest.fixture
+def run_two_rounds(small_run, results_of):
+    """run_two_rounds(algorithm, *flags): main.py's flags and .h5 of a 2-round run that beat chance."""
+    def run(algorithm, *flags):
+        argv = small_run("-algo", algorithm, "-gr", "2", *flags)
+        assert experiment.main(argv) == 0
+        data = results_of(argv)
+        assert data["rs_test_acc"].max() > 0.1, f"{algorithm} should beat chance (0.1) on Digits"
+        assert len(data["upload_floats"]) == 2
+        return argv, data
+    return run
 
 
 def local_classes(argv):
     return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv)).clients]
 
 
-def make_server(small_run, algorithm, *extra):
-    args = parse_args(small_run("-algo", algorithm, *extra))
-    return server_class(algorithm)(args, load_federated_dataset(args), 0, CPU)
-
-
-def timer(server):
-    return PhaseTimer(server.phases, server.device)
-
-
-def test_fedproto_end_to_end_communication(small_run):
-    argv, data = run_two_rounds(small_run, "FedProto")
+def test_fedproto_end_to_end_communication(run_two_rounds):
+    argv, data = run_two_rounds("FedProto")
     classes = local_classes(argv)
     # Per local class: the mean feature (D floats) and its sample count (the weight of the average).
     assert np.all(data["upload_floats"] == sum(map(len, classes)) * (D + 1))
@@ -65,22 +50,22 @@ def test_fedproto_end_to_end_communication(small_run):
     assert np.all(data["download_floats"] == CLIENTS * len(set().union(*classes)) * D)
 
 
-def test_fedgh_end_to_end_communication(small_run):
-    argv, data = run_two_rounds(small_run, "FedGH")
+def test_fedgh_end_to_end_communication(run_two_rounds):
+    argv, data = run_two_rounds("FedGH")
     assert np.all(data["upload_floats"] == sum(map(len, local_classes(argv))) * D)
     assert np.all(data["download_floats"] == CLIENTS * (D * K + K)), "the global head, Linear(D, K)"
     assert np.all(np.isfinite(data["server_loss"]))
 
 
-def test_fedtgp_end_to_end_communication(small_run):
-    argv, data = run_two_rounds(small_run, "FedTGP", "-mart", "1.5")
+def test_fedtgp_end_to_end_communication(run_two_rounds):
+    argv, data = run_two_rounds("FedTGP", "-mart", "1.5")
     assert np.all(data["upload_floats"] == sum(map(len, local_classes(argv))) * D)
     assert np.all(data["download_floats"] == CLIENTS * K * D), "all K trained prototypes"
     assert np.all((data["margin"] > 0) & (data["margin"] <= 1.5))
 
 
-def test_fedkd_end_to_end_communication(small_run):
-    argv, data = run_two_rounds(small_run, "FedKD")
+def test_fedkd_end_to_end_communication(run_two_rounds):
+    argv, data = run_two_rounds("FedKD")
     mentee_floats = 156810  # cnn4 at 3x32x32, D 64, K 10: (2400+32) + (51200+64) + (102400+64) + (640+10)
     assert data["download_floats"][0] > CLIENTS * mentee_floats, "the whole mentee first, then the update"
     assert data["download_floats"][1] < CLIENTS * mentee_floats / 4
@@ -88,8 +73,8 @@ def test_fedkd_end_to_end_communication(small_run):
     assert data["svd_energy"] == pytest.approx([0.95, 0.965]), "T_start + (T_end - T_start) * round / rounds"
 
 
-def test_fedkd_counts_the_svd_factors_it_sends(small_run):
-    server = make_server(small_run, "FedKD")
+def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
+    server = make_server("FedKD")
     state = shared_state(server.mentee)
     assert sum(t.numel() for t in state.values()) == 156810
     server.send(server.clients)
@@ -111,7 +96,7 @@ def test_fedkd_counts_the_svd_factors_it_sends(small_run):
     assert packed_floats(upload) == rank_one + vectors
 
     server.download_floats = 0
-    server.server_round(server.clients, timer(server))
+    server.server_round(server.clients, round_timer(server))
     assert server.upload_floats == CLIENTS * (rank_one + vectors)
     # The average holds 4 orthogonal directions of equal weight (3/4 < 0.95 of the energy): rank 4 is kept.
     assert all(packed["s"].numel() == 4 for packed in server.last_update.values() if "s" in packed)
@@ -123,12 +108,12 @@ def test_fedkd_counts_the_svd_factors_it_sends(small_run):
 
     # A client one version behind gets the last compressed update; one further behind, the whole mentee.
     straggler, others = server.clients[0], server.clients[1:]
-    server.server_round(others, timer(server))
+    server.server_round(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
     assert server.download_floats == packed_floats(server.last_update) and straggler.synced_version == 2
-    server.server_round(others, timer(server))
-    server.server_round(others, timer(server))
+    server.server_round(others, round_timer(server))
+    server.server_round(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
     assert server.download_floats == 156810 and straggler.synced_version == 4
@@ -172,19 +157,20 @@ ALL = torch.ones(3, dtype=torch.bool)
 NO_CLASS_1 = torch.tensor([True, False, True])
 
 
-def identity_client(small_run, cls=ClientFedProto, lamda=1.0):
+def identity_client(cls=ClientFedProto, lamda=1.0):
     """A 3-class client whose features are its 2-D inputs and whose head always says class 2."""
-    args = parse_args(small_run("-algo", "FedProto", "-nb", "3", "-fd", "2"))
     head = nn.Linear(2, 3)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
     model = BaseHeadSplit(nn.Identity(), head, 2, 3, "identity")
-    return cls(args, 0, model, ClientData(POINTS, LABELS, POINTS, LABELS), 0, CPU, False, lamda=lamda)
+    setup = ClientSetup(client_id=0, model=model, data=ClientData(POINTS, LABELS, POINTS, LABELS), seed=0, device=CPU,
+                        num_classes=3, batch_size=10, local_epochs=1, learning_rate=0.01)
+    return cls(setup, lamda=lamda)
 
 
 def test_fedproto_predicts_the_nearest_global_prototype(small_run):
-    client = identity_client(small_run)
+    client = identity_client()
     assert client.test_metrics()[:2] == (1, 4), "the head until global prototypes arrive"
     client.receive(PROTOTYPES, ALL)
     scores = client.scores(POINTS)
@@ -199,7 +185,7 @@ def test_fedproto_predicts_the_nearest_global_prototype(small_run):
 
 @pytest.mark.parametrize("cls", [ClientFedProto, ClientFedTGP])
 def test_prototype_term_is_lamda_times_mse_and_vanishes_at_zero(small_run, cls):
-    unweighted, weighted = identity_client(small_run, cls, 0.0), identity_client(small_run, cls, 2.0)
+    unweighted, weighted = identity_client(cls, 0.0), identity_client(cls, 2.0)
     ce = F.cross_entropy(weighted.model(POINTS), LABELS).item()
     assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce), "no term before prototypes"
     for client in (unweighted, weighted):
@@ -211,8 +197,8 @@ def test_prototype_term_is_lamda_times_mse_and_vanishes_at_zero(small_run, cls):
     assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce + 2 * 7 / 8)
 
 
-def test_fedproto_averages_prototypes_weighted_by_sample_counts(small_run):
-    server = make_server(small_run, "FedProto")
+def test_fedproto_averages_prototypes_weighted_by_sample_counts(make_server):
+    server = make_server("FedProto")
     means = torch.stack([torch.full((D,), v) for v in (1.0, 5.0, 2.0)])
     server.aggregate(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
     assert torch.equal(server.present.nonzero().squeeze(1), torch.tensor([2, 7]))
@@ -232,8 +218,8 @@ def test_fedtgp_adaptive_margin():
     assert adaptive_margin(prototypes[:2], classes[:2], 3, 100.0) == 0.0
 
 
-def test_fedtgp_server_training_separates_the_classes(small_run):
-    server = make_server(small_run, "FedTGP", "-se", "100", "-slr", "0.05")
+def test_fedtgp_server_training_separates_the_classes(make_server):
+    server = make_server("FedTGP", "-se", "100", "-slr", "0.05")
     generator = torch.Generator().manual_seed(0)
     centers = 3 * torch.randn(3, D, generator=generator)
     classes = torch.tensor([1, 4, 8]).repeat_interleave(4)
@@ -244,10 +230,10 @@ def test_fedtgp_server_training_separates_the_classes(small_run):
     assert torch.equal(nearest, classes)
 
 
-def test_fedgh_clients_take_the_global_head(small_run):
-    server = make_server(small_run, "FedGH", "-se", "5")
+def test_fedgh_clients_take_the_global_head(make_server, round_timer):
+    server = make_server("FedGH", "-se", "5")
     uploaded = sum(len(client.class_means()[1]) for client in server.clients)
-    server.server_round(server.clients, timer(server))
+    server.server_round(server.clients, round_timer(server))
     assert server.upload_floats == uploaded * D
     assert server.download_floats == CLIENTS * (D * K + K)
     for client in server.clients:
@@ -258,55 +244,16 @@ def test_fedgh_clients_take_the_global_head(small_run):
     assert server.download_floats == 0, "clients already hold the latest head"
 
 
-def test_fedgh_refuses_a_non_linear_head(small_run):
-    server = make_server(small_run, "FedGH")
+def test_fedgh_refuses_a_non_linear_head(make_server):
+    server = make_server("FedGH")
     model = BaseHeadSplit(nn.Identity(), nn.Sequential(nn.Linear(D, 8), nn.Linear(8, K)), D, K, "odd")
     with pytest.raises(UserError, match="linear heads"):
-        server.make_client(0, model, server.dataset.clients[0], 0, False)
+        server.new_client(ClientSetup(client_id=0, model=model, data=server.dataset.clients[0], seed=0, device=CPU,
+                                      num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01))
 
 
 @pytest.mark.parametrize("flags,fragment", [(("-Ts", "0.99", "-Te", "0.9"), "-Ts"),
                                             (("--mentee_model", "nope"), "unknown model"),
                                             (("-mlr", "0"), "-mlr")])
-def test_fedkd_bad_flags(small_run, capsys, flags, fragment):
-    assert experiment.main(small_run("-algo", "FedKD", *flags)) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0]
-
-
-class Interrupted(Exception):
-    pass
-
-
-COMPARED = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats", "server_loss",
-            "margin", "eval_rounds")
-
-
-def test_fedtgp_resume_after_an_interruption_equals_an_uninterrupted_run(small_run, tmp_path, monkeypatch):
-    def argv(name):
-        flags = small_run("-algo", "FedTGP", "-gr", "2", "-jr", "0.5", "-se", "10", "-sfn", str(tmp_path / name))
-        flags[flags.index("--results_dir") + 1] = str(tmp_path / name)
-        return flags
-
-    reference = argv("reference")
-    assert experiment.main(reference) == 0
-    expected = results_of(reference, "FedTGP")
-
-    save = Server.save_checkpoint
-
-    def save_then_stop(server):
-        save(server)
-        if server.round == 1:
-            raise Interrupted
-
-    monkeypatch.setattr(Server, "save_checkpoint", save_then_stop)
-    interrupted = argv("interrupted")
-    with pytest.raises(Interrupted):
-        experiment.main(interrupted)
-    monkeypatch.undo()
-    assert not os.path.exists(tmp_path / "interrupted" / "Digits_FedTGP_test_0.h5")
-
-    assert experiment.main(interrupted + ["--resume"]) == 0
-    resumed = results_of(interrupted, "FedTGP")
-    for key in COMPARED:
-        np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+def test_fedkd_bad_flags(small_run, error_line, flags, fragment):
+    assert fragment in error_line(experiment.main, small_run("-algo", "FedKD", *flags))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import fldata.dataset_io
-from fldata.cli import DATASET_DIR, build_parser, run
+from fldata.cli import DATASET_DIR, GenerationOptions, build_parser, run
 from fldata.dataset_io import LABEL_STATS_KEY
 from fldata.errors import DatasetError
 from fldata.sources import CIFAR10, DIGITS, MNIST, TINY_IMAGENET, load_source
@@ -57,12 +57,6 @@ def pixels(x):
     return (x + 1) * 127.5
 
 
-def assert_one_line_error(stderr, fragment):
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], stderr
-    assert "Traceback" not in stderr
-
-
 @pytest.fixture(scope="module")
 def digits_out(tmp_path_factory):
     """Digits over 5 clients with the default dir partition, generated once for read-only checks."""
@@ -75,7 +69,9 @@ def test_config_matches_the_npz_files(digits_out):
     config = read_config(digits_out)
     assert CONFIG_KEYS <= set(config)
     assert (config["dataset"], config["num_clients"], config["num_classes"]) == ("Digits", 5, 10)
-    assert (config["partition"], config["alpha"], config["seed"], config["balance"]) == ("dir", 0.1, 1, False)
+    defaults = GenerationOptions()  # the options not given on the command line
+    assert (config["partition"], config["alpha"], config["seed"], config["balance"]) == \
+        (defaults.partition, defaults.alpha, defaults.seed, defaults.balance)
     assert config["image_shape"] == [3, 32, 32]
     assert config["normalization"] == {"mean": 0.5, "std": 0.5}
     assert config["params"]["num_clients"] == 5 and config["params"]["source"] == "built-in Digits data"
@@ -154,7 +150,7 @@ def test_missing_client_file_regenerates(tmp_path):
     assert (out / "test" / "3.npz").is_file()
 
 
-def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, capsys):
+def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, error_line):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)
@@ -168,22 +164,21 @@ def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, c
         real_save(path, **arrays)
 
     monkeypatch.setattr(fldata.dataset_io, "save_npz", failing_save)
-    assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid", "--seed", "2") == 2
-    assert_one_line_error(capsys.readouterr().err, "disk full")
+    assert "disk full" in error_line(generate, DIGITS, out, "--num-clients", "4", "--partition", "iid", "--seed", "2")
     assert file_bytes(out) == before
     assert sorted(os.listdir(tmp_path)) == ["Digits"]  # the staging folder is gone
 
 
-def test_failed_partition_leaves_the_dataset_untouched(tmp_path, capsys):
+def test_failed_partition_leaves_the_dataset_untouched(tmp_path, error_line):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)
-    assert generate(DIGITS, out, "--num-clients", "900", "--partition", "iid", "--balance", "1") == 2
-    assert_one_line_error(capsys.readouterr().err, "lower --num-clients or change --train-ratio")
+    line = error_line(generate, DIGITS, out, "--num-clients", "900", "--partition", "iid", "--balance", "1")
+    assert "lower --num-clients or change --train-ratio" in line
     assert file_bytes(out) == before
 
 
-def test_regeneration_keeps_rawdata_and_refuses_foreign_folders(tmp_path, capsys):
+def test_regeneration_keeps_rawdata_and_refuses_foreign_folders(tmp_path, error_line):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4") == 0
     (out / "rawdata").mkdir()
@@ -195,8 +190,7 @@ def test_regeneration_keeps_rawdata_and_refuses_foreign_folders(tmp_path, capsys
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    assert generate(DIGITS, foreign, "--num-clients", "4") == 2
-    assert_one_line_error(capsys.readouterr().err, "pass a new or empty folder")
+    assert "pass a new or empty folder" in error_line(generate, DIGITS, foreign, "--num-clients", "4")
     assert os.listdir(foreign) == ["todo.txt"]
 
 
@@ -232,13 +226,12 @@ def test_root_image_folder(tmp_path):
                 assert np.allclose(image, image[:, :1, :1], atol=1e-6)  # resizing keeps a flat color flat
 
 
-def test_root_folder_with_wrong_class_count_is_rejected(tmp_path, capsys):
+def test_root_folder_with_wrong_class_count_is_rejected(tmp_path, error_line):
     root = tmp_path / "images"
     for name in ("cat", "dog"):
         (root / name).mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(root / name / "a.png")
-    assert generate(DIGITS, tmp_path / "out", "--root", str(root)) == 2
-    assert_one_line_error(capsys.readouterr().err, "has 2 class folders, Digits needs 10")
+    assert "has 2 class folders, Digits needs 10" in error_line(generate, DIGITS, tmp_path / "out", "--root", str(root))
     assert not (tmp_path / "out").exists()
 
 
@@ -319,11 +312,10 @@ def test_npz_roots_for_rgb_and_grayscale_scripts(tmp_path):
     ({"x": np.zeros((20, 8, 8), np.uint8), "y": np.full(20, 10)}, "Digits needs 0..9"),
     ({"x": np.zeros((20, 8, 8), np.uint8), "y": np.zeros(19, np.int64)}, "labels must be 20 integers"),
 ])
-def test_bad_npz_roots(tmp_path, capsys, arrays, fragment):
+def test_bad_npz_roots(tmp_path, error_line, arrays, fragment):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    assert generate(DIGITS, tmp_path / "out", "--root", str(path)) == 2
-    assert_one_line_error(capsys.readouterr().err, fragment)
+    assert fragment in error_line(generate, DIGITS, tmp_path / "out", "--root", str(path))
 
 
 def write_idx(path, array):
@@ -353,32 +345,28 @@ def test_default_output_is_next_to_the_scripts():
     assert "--download" not in help_text  # Digits needs none
 
 
-def run_script(name, *flags, cwd):
-    return subprocess.run([sys.executable, os.path.join(DATASET_DIR, f"generate_{name}.py"), *flags],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
-@pytest.mark.parametrize("name,flags,fragment", [
-    ("Digits", ["--num-clients", "0"], "--num-clients must be >= 1"),
-    ("Digits", ["--alpha", "-1"], "--alpha must be a positive number"),
-    ("Digits", ["--balance", "maybe"], "argument --balance: expected 0/1/true/false"),
-    ("Digits", ["--partition", "noniid"], "argument --partition: invalid choice"),
-    ("Digits", ["--train-ratio", "1"], "--train-ratio must be in (0, 1)"),
-    ("Digits", ["--partition", "pat", "--class-per-client", "11"], "--class-per-client must be in [1, 10]"),
-    ("Digits", ["--root", "missing"], "--root missing does not exist"),
-    ("Digits", ["--num-clients", "100", "--alpha", "0.01"], "raise --alpha or lower --num-clients"),
-    ("Cifar10", [], "pass --download to fetch them, or --root"),
-])
-def test_cli_bad_inputs(tmp_path, name, flags, fragment):
-    result = run_script(name, "--out", "out", *flags, cwd=tmp_path)
-    assert result.returncode == 2
-    assert_one_line_error(result.stderr, fragment)
+@pytest.mark.parametrize("spec,flags,fragment", [
+    (DIGITS, ["--num-clients", "0"], "--num-clients must be >= 1"),
+    (DIGITS, ["--alpha", "-1"], "--alpha must be a positive number"),
+    (DIGITS, ["--balance", "maybe"], "argument --balance: expected 0/1/true/false"),
+    (DIGITS, ["--partition", "noniid"], "argument --partition: invalid choice"),
+    (DIGITS, ["--train-ratio", "1"], "--train-ratio must be in (0, 1)"),
+    (DIGITS, ["--partition", "pat", "--class-per-client", "11"], "--class-per-client must be in [1, 10]"),
+    (DIGITS, ["--root", "missing"], "--root missing does not exist"),
+    (DIGITS, ["--num-clients", "100", "--alpha", "0.01"], "raise --alpha or lower --num-clients"),
+    (CIFAR10, [], "pass --download to fetch them, or --root"),
+], ids=lambda value: getattr(value, "name", None))
+def test_cli_bad_inputs(tmp_path, monkeypatch, error_line, spec, flags, fragment):
+    monkeypatch.chdir(tmp_path)  # relative --out and --root, as typed in a shell
+    assert fragment in error_line(run, spec, ["--out", "out", *flags])
     assert not (tmp_path / "out").exists()
 
 
 def test_script_runs_from_any_directory(tmp_path):
-    result = run_script("Digits", "--num-clients", "4", "--partition", "exdir", "--alpha", "1",
-                        "--class-per-client", "3", "--out", "relative", cwd=tmp_path)
+    """The one run of a generate_*.py script as a process (the other tests call its main in-process)."""
+    result = subprocess.run([sys.executable, os.path.join(DATASET_DIR, "generate_Digits.py"), "--num-clients", "4",
+                             "--partition", "exdir", "--alpha", "1", "--class-per-client", "3", "--out", "relative"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 4 clients" in result.stdout
     config = read_config(tmp_path / "relative")

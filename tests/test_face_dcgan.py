@@ -19,15 +19,13 @@ from flcore.generators.dcgan import (
     rescale_to_norm,
     typical_gaussian_norm,
 )
-from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl import image_metrics
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
+from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
 from flutils import experiment
-from flutils.data import load_federated_dataset
 from flutils.errors import UserError
-from flutils.options import parse_args
-from flutils.results import read_h5
 
+# make_server's algorithm and flags: a short domain alignment.
+FAST_KTL = ["FedKTL-stylegan-3", "-se", "3", "-sbs", "8"]
 WEIGHTS = face_dcgan_weights_path()
 needs_weights = pytest.mark.skipif(WEIGHTS is None, reason=f"install the face generator: {dcgan.FACE_DCGAN_INSTALL}")
 
@@ -163,17 +161,12 @@ def test_bad_dcgan_checkpoints_get_one_line_errors(tmp_path, content, fragment):
         load_dcgan_checkpoint(tmp_path / "missing.tar")
 
 
-def make_server(small_run, *extra):
-    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", "-se", "3", "-sbs", "8", *extra))
-    return ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
-
-
 @needs_weights
-def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(small_run):
-    server = make_server(small_run)
+def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_server, round_timer):
+    server = make_server(*FAST_KTL)
     adapter = server.image_generator
     assert isinstance(adapter, GaussianLatents) and adapter.latent_dim == 100
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    server.server_round(server.clients, round_timer(server))
     norms = server.pair_latents.norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, typical_gaussian_norm(100)), atol=1e-4)
     with torch.no_grad():
@@ -187,32 +180,31 @@ def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(small
 
 
 @needs_weights
-def test_without_rescaling_the_class_means_are_rendered_as_they_are(small_run):
-    server = make_server(small_run, "-lrs", "0")
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+def test_without_rescaling_the_class_means_are_rendered_as_they_are(make_server, round_timer):
+    server = make_server(*FAST_KTL, "-lrs", "0")
+    server.server_round(server.clients, round_timer(server))
     assert torch.equal(server.pair_latents, server.centroids.detach())
     assert server.round_metrics["pair_latent_norm"] < server.round_metrics["valid_latent_norm"]
 
 
-def test_without_the_package_the_default_falls_back_in_one_line(small_run, monkeypatch, capsys):
+def test_without_the_package_the_default_falls_back_in_one_line(make_server, monkeypatch, capsys):
     import flcore.servers.serverktl_stylegan_3 as module
     monkeypatch.setattr(module, "face_dcgan_weights_path", lambda: None)
-    server = make_server(small_run)
+    server = make_server(*FAST_KTL)
     assert isinstance(server.image_generator, StyleGANLatents)
     lines = [line for line in capsys.readouterr().out.splitlines() if "not installed" in line]
     assert len(lines) == 1 and dcgan.FACE_DCGAN_INSTALL in lines[0]
 
 
-def test_untrained_flag_selects_the_builtin_generator(small_run):
-    assert isinstance(make_server(small_run, "-gen", "untrained").image_generator, StyleGANLatents)
+def test_untrained_flag_selects_the_builtin_generator(make_server):
+    assert isinstance(make_server(*FAST_KTL, "-gen", "untrained").image_generator, StyleGANLatents)
 
 
-def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, tmp_path):
+def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, results_of, tmp_path):
     random_dcgan_checkpoint(tmp_path / "g.tar")
-    argv = small_run("-algo", "FedKTL-stylegan-3", "-gr", "2", "-se", "3", "-sbs", "8", "-GPath",
-                     str(tmp_path / "g.tar"), "--image_every", "0")
+    argv = small_run("-algo", *FAST_KTL, "-gr", "2", "-GPath", str(tmp_path / "g.tar"), "--image_every", "0")
     assert experiment.main(argv) == 0
-    data = read_h5(os.path.join(argv[argv.index("--results_dir") + 1], "Digits_FedKTL-stylegan-3_test_0.h5"))
+    data = results_of(argv)
     for key in ("class_mean_norm", "pair_latent_norm", "valid_latent_norm", "image_distance", "image_std"):
         assert len(data[key]) == 2 and all(math.isfinite(v) for v in data[key]), key
     assert data["pair_latent_norm"][0] == pytest.approx(typical_gaussian_norm(100), rel=1e-4)
@@ -221,7 +213,7 @@ def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, tmp_path):
 @pytest.mark.parametrize("content,fragment", [
     ({"netG_state_dict": {"main.0.weight": torch.zeros(100, 8, 4, 4)}}, "fewer than two"),
     ({"G_ema": 1}, "no generator state dict")])
-def test_a_bad_dcgan_path_is_a_user_error(small_run, tmp_path, content, fragment):
+def test_a_bad_dcgan_path_is_a_user_error(make_server, tmp_path, content, fragment):
     torch.save(content, tmp_path / "g.tar")
     with pytest.raises(UserError, match=fragment):
-        make_server(small_run, "-GPath", str(tmp_path / "g.tar"))
+        make_server(*FAST_KTL, "-GPath", str(tmp_path / "g.tar"))

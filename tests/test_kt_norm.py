@@ -7,21 +7,10 @@ import torch
 from torch import nn
 
 from flcore.batchnorm import AuxiliaryBatchNorm, batchnorm_layers, running_stats_untouched
-from flcore.servers.serverbase import PhaseTimer
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
-from flutils.data import load_federated_dataset
-from flutils.options import parse_args
 
 BN_CLIENT, LAYERNORM_CLIENT = 0, 3  # HtCPU4: tiny_cnn (BatchNorm), tiny_mixer (LayerNorm only)
-
-
-def clients_with_pairs(small_run, mode):
-    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", "-gen", "untrained", "-se", "2", "-sbs", "8",
-                                "--kt_norm", mode))
-    server = ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
-    server.send(server.clients)
-    return server.clients
+# make_server's algorithm and flags: the built-in generator and a short domain alignment.
+FAST_KTL = ["FedKTL-stylegan-3", "-gen", "untrained", "-se", "2", "-sbs", "8"]
 
 
 def buffers(module):
@@ -33,11 +22,15 @@ def same_tensors(a, b):
 
 
 @pytest.fixture(scope="module")
-def modes(digits_root, tmp_path_factory, one_torch_thread):
-    def argv(*extra):
-        return ["-data", "Digits", "-nb", "10", "-nc", "4", "-dev", "cpu", "-m", "HtCPU4", "-fd", "64",
-                "--dataset_dir", str(digits_root), "--results_dir", str(tmp_path_factory.mktemp("r")), *extra]
-    return {mode: clients_with_pairs(argv, mode) for mode in ("update", "keep", "aux")}
+def modes(small_argv, server_from_argv, round_timer, tmp_path_factory):
+    """Per --kt_norm mode, the clients of a server after one round, holding the generated pairs."""
+    clients = {}
+    for mode in ("update", "keep", "aux"):
+        server = server_from_argv(small_argv(tmp_path_factory.mktemp("results"), "-algo", *FAST_KTL, "--kt_norm", mode))
+        server.server_round(server.clients, round_timer(server))
+        server.send(server.clients)
+        clients[mode] = server.clients
+    return clients
 
 
 def test_update_moves_running_statistics_and_keep_leaves_them_bit_identical(modes):
@@ -127,30 +120,26 @@ def test_auxiliary_batchnorm_copies_start_equal_and_are_not_saved_twice():
     assert torch.equal(aux(x), model(x)), "in eval mode both use identical copies"
 
 
-def ktl_server(small_run, *extra):
-    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", "-gen", "untrained", "-se", "2", "-sbs", "8", *extra))
-    return ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
-
-
-def test_margin_warmup_rises_linearly_then_stays(small_run):
-    server = ktl_server(small_run, "--margin_warmup", "4", "-margin", "0.4")
+def test_margin_warmup_rises_linearly_then_stays(make_server):
+    server = make_server(*FAST_KTL, "--margin_warmup", "4", "-margin", "0.4")
     margins = []
     for r in range(6):
         server.round = r
         server.send(server.clients)
         margins.append(server.clients[1].margin)
     assert margins == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
-    assert ktl_server(small_run).margin_at(0) == 0.5, "no warm-up: the full margin from round 0 (the paper)"
+    no_warmup = make_server(*FAST_KTL, "-margin", "0.4")
+    assert no_warmup.margin_at(0) == 0.4, "no warm-up: the full margin from round 0 (the paper)"
 
 
 @pytest.mark.parametrize("clip,clipped", [("0", 0.0), ("1e-4", 1.0)])
-def test_client_gradient_clip_is_measured_and_applied(small_run, clip, clipped):
-    server = ktl_server(small_run, "--client_grad_clip", clip)
+def test_client_gradient_clip_is_measured_and_applied(make_server, round_timer, clip, clipped):
+    server = make_server(*FAST_KTL, "--client_grad_clip", clip)
     client = server.clients[0]
     before = [p.detach().clone() for p in client.model.parameters()]
     client.train()
     assert len(client.grad_norms) == client.batches_last_round and min(client.grad_norms) > 0
-    server.server_round([client], PhaseTimer(server.phases, server.device))
+    server.server_round([client], round_timer(server))
     metrics = server.round_metrics
     assert metrics["client_grad_norm"] == pytest.approx(float(torch.stack(client.grad_norms).mean()))
     assert metrics["clipped_fraction"] == clipped
@@ -161,11 +150,11 @@ def test_client_gradient_clip_is_measured_and_applied(small_run, clip, clipped):
         assert moved > 1e-3
 
 
-def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(small_run):
-    server = ktl_server(small_run)
+def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(make_server, round_timer):
+    server = make_server(*FAST_KTL)
     client = server.clients[0]
     client.train()
-    timer = PhaseTimer(server.phases, server.device)
+    timer = round_timer(server)
     server.server_round([client], timer)
     assert client.transfer_losses == [] and math.isnan(server.round_metrics["transfer_loss"])
     server.send([client])

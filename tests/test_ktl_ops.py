@@ -237,12 +237,12 @@ def valid_sampler(seed=0):
     return lambda count: torch.randn(count, LATENT_DIM, generator=source) + 3.0
 
 
-def run_alignment(epochs, lam=1.0, labels=None, use_mmd=True, seed=0):
+def run_alignment(epochs, lamda=1.0, labels=None, use_mmd=True, seed=0):
     transformer, centroids, prototypes, default_labels, optimizer = alignment_setup(seed)
     labels = default_labels if labels is None else labels
     absent_before = centroids.detach()[4].clone()
     stats = align_domains(transformer, centroids, prototypes, labels, valid_sampler(),
-                          optimizer, epochs=epochs, batch_size=16, lam=lam,
+                          optimizer, epochs=epochs, batch_size=16, lamda=lamda,
                           generator=seeded(1), use_mmd=use_mmd)
     return stats, transformer, centroids, prototypes, labels, absent_before
 
@@ -269,8 +269,8 @@ def test_align_domains_leaves_centroids_at_class_means():
 
 def test_zero_lambda_ignores_the_centroid_term():
     regrouped = torch.arange(40) // 10  # another partition: other centroids, other MSE term
-    runs = {(lam, name): run_alignment(epochs=3, lam=lam, labels=labels)
-            for lam in (0.0, 1.0) for name, labels in (("default", None), ("regrouped", regrouped))}
+    runs = {(lamda, name): run_alignment(epochs=3, lamda=lamda, labels=labels)
+            for lamda in (0.0, 1.0) for name, labels in (("default", None), ("regrouped", regrouped))}
 
     def transformer_state(run):
         return run[1].state_dict()
@@ -302,5 +302,5 @@ def test_align_domains_rejects_a_single_prototype_before_touching_centroids():
     before = centroids.detach().clone()
     with pytest.raises(ValueError, match="at least 2 prototypes"):
         align_domains(transformer, centroids, prototypes[:1], labels[:1], valid_sampler(),
-                      optimizer, epochs=1, batch_size=16, lam=1.0, generator=seeded(0))
+                      optimizer, epochs=1, batch_size=16, lamda=1.0, generator=seeded(0))
     assert torch.equal(centroids.detach(), before)

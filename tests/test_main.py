@@ -8,26 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from flcore.servers.serverlocal import ServerLocal
 from flutils import experiment
-from flutils.data import load_federated_dataset
-from flutils.options import parse_args
-from flutils.results import read_h5
+from flutils.paths import REPO_ROOT
 
-MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "system", "main.py")
 H5_KEYS = {"rs_test_acc", "rs_test_auc", "rs_test_acc_std", "rs_train_loss", "eval_rounds", "round_time",
            "upload_floats", "download_floats", "time_train", "time_eval"}
 
 
-def results_of(argv):
-    return os.path.join(argv[argv.index("--results_dir") + 1])
-
-
-def test_local_two_rounds_end_to_end(small_run):
+def test_local_two_rounds_end_to_end(small_run, results_dir, results_of):
     argv = small_run("-algo", "Local", "-gr", "2", "-t", "2")
     assert experiment.main(argv) == 0
-    results = results_of(argv)
-    runs = [read_h5(os.path.join(results, f"Digits_Local_test_{r}.h5")) for r in range(2)]
+    results = results_dir(argv)
+    runs = [results_of(argv, run) for run in range(2)]
     for data in runs:
         assert H5_KEYS <= set(data)
         assert list(data["eval_rounds"]) == [0, 1, 2]
@@ -41,42 +33,44 @@ def test_local_two_rounds_end_to_end(small_run):
     assert os.path.isfile(os.path.join(results, "Digits_Local_test.json"))
 
 
-def test_same_seed_gives_the_same_run(small_run):
-    first = small_run("-algo", "Local", "-gr", "1")
-    assert experiment.main(first) == 0
-    again = read_h5(os.path.join(results_of(first), "Digits_Local_test_0.h5"))
-    assert experiment.main(first) == 0
-    assert np.array_equal(read_h5(os.path.join(results_of(first), "Digits_Local_test_0.h5"))["rs_test_acc"],
-                          again["rs_test_acc"])
+def test_without_flags_main_runs_the_offline_default_experiment(tmp_path, results_of):
+    """The README's quick start, but for round 0 only: Digits is built from scikit-learn's copy when missing."""
+    argv = ["--dataset_dir", str(tmp_path / "datasets"), "--results_dir", str(tmp_path / "results"), "-gr", "0"]
+    assert experiment.main(argv) == 0
+    assert os.path.isfile(tmp_path / "datasets" / "Digits" / "config.json")
+    assert results_of(argv)["eval_rounds"].tolist() == [0]
 
 
-def make_server(small_run, *extra):
-    args = parse_args(small_run("-algo", "Local", *extra))
-    return ServerLocal(args, load_federated_dataset(args), 0, torch.device("cpu"))
+def test_same_seed_gives_the_same_run(small_run, results_of):
+    argv = small_run("-algo", "Local", "-gr", "1")
+    assert experiment.main(argv) == 0
+    first = results_of(argv)
+    assert experiment.main(argv) == 0
+    assert np.array_equal(results_of(argv)["rs_test_acc"], first["rs_test_acc"])
 
 
-def test_join_ratio_and_random_join_ratio(small_run):
-    server = make_server(small_run, "-jr", "0.5")
+def test_join_ratio_and_random_join_ratio(make_server):
+    server = make_server("Local", "-jr", "0.5")
     assert all(len(server.select_clients()) == 2 for _ in range(5))
-    server = make_server(small_run, "-jr", "0.25", "-rjr", "1")
+    server = make_server("Local", "-jr", "0.25", "-rjr", "1")
     counts = {len(server.select_clients()) for _ in range(60)}
     assert counts <= {1, 2, 3, 4} and len(counts) > 1
 
 
-def test_client_drop_rate_loses_uploads(small_run):
-    server = make_server(small_run, "-cdr", "0.5")
+def test_client_drop_rate_loses_uploads(make_server):
+    server = make_server("Local", "-cdr", "0.5")
     arrived = server.arrived_uploads(server.clients, {c.id: 0.0 for c in server.clients})
     assert len(arrived) == 2 and set(arrived) <= set(server.clients)
 
 
-def test_time_select_drops_clients_over_the_threshold(small_run):
-    server = make_server(small_run, "-ts", "1", "-tth", "1.0")
+def test_time_select_drops_clients_over_the_threshold(make_server):
+    server = make_server("Local", "-ts", "1", "-tth", "1.0")
     seconds = {0: 0.5, 1: 2.0, 2: 0.1, 3: 5.0}
     assert [c.id for c in server.arrived_uploads(server.clients, seconds)] == [0, 2]
 
 
-def test_slow_clients_train_fewer_epochs(small_run):
-    server = make_server(small_run, "-tsr", "0.5", "-ls", "4")
+def test_slow_clients_train_fewer_epochs(make_server):
+    server = make_server("Local", "-tsr", "0.5", "-ls", "4")
     slow = [c for c in server.clients if c.train_slow]
     assert len(slow) == 2
     for client in server.clients:
@@ -84,36 +78,23 @@ def test_slow_clients_train_fewer_epochs(small_run):
         assert epochs <= ({1, 2} if client.train_slow else {4})
 
 
-def test_learning_rate_decay(small_run):
-    server = make_server(small_run, "-ld", "1", "-ldg", "0.5", "-lr", "0.1")
+def test_learning_rate_decay(make_server):
+    server = make_server("Local", "-ld", "1", "-ldg", "0.5", "-lr", "0.1")
     client = server.clients[0]
     client.train()
     assert client.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-def test_auto_break_stops_when_accuracy_stalls(small_run):
+def test_auto_break_stops_when_accuracy_stalls(small_run, results_of):
     argv = small_run("-algo", "Local", "-gr", "20", "-ab", "1", "-tc", "1", "-lr", "1e-12")
     assert experiment.main(argv) == 0
-    data = read_h5(os.path.join(results_of(argv), "Digits_Local_test_0.h5"))
-    assert len(data["rs_test_acc"]) < 21
+    assert len(results_of(argv)["rs_test_acc"]) < 21
 
 
-def test_eval_gap(small_run):
+def test_eval_gap(small_run, results_of):
     argv = small_run("-algo", "Local", "-gr", "3", "-eg", "2")
     assert experiment.main(argv) == 0
-    assert list(read_h5(os.path.join(results_of(argv), "Digits_Local_test_0.h5"))["eval_rounds"]) == [0, 2, 3]
-
-
-def run_cli(argv):
-    return subprocess.run([sys.executable, MAIN, *argv], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(proc, fragment, results_dir):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not os.path.exists(results_dir) or not os.listdir(results_dir)
+    assert list(results_of(argv)["eval_rounds"]) == [0, 2, 3]
 
 
 @pytest.fixture
@@ -122,6 +103,19 @@ def broken_copy(digits_root, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(digits_root / "Digits", root / "Digits")
     return root
+
+
+@pytest.fixture
+def refused(small_run, digits_root, tmp_path, results_dir, error_line):
+    """refused(*flags, dataset_dir=...): the one-line error of a Local run with these flags, after checking that
+    the run wrote neither results nor checkpoints."""
+    def run(*flags, dataset_dir=digits_root):
+        argv = small_run("-algo", "Local", "-gr", "1", "-sfn", str(tmp_path / "checkpoints"), *flags,
+                         dataset_dir=dataset_dir)
+        line = error_line(experiment.main, argv)
+        assert not os.path.exists(results_dir(argv)) and not os.path.exists(tmp_path / "checkpoints")
+        return line
+    return run
 
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -133,23 +127,40 @@ def broken_copy(digits_root, tmp_path):
     (["-jr", "1.5"], "-jr must be in (0, 1]"),
     (["-jr", "0"], "-jr must be in (0, 1]"),
 ])
-def test_bad_flags(small_run, extra, fragment):
-    argv = small_run("-algo", "Local", "-gr", "1") + extra
-    assert_one_line_error(run_cli(argv), fragment, results_of(argv))
+def test_bad_flags(refused, extra, fragment):
+    assert fragment in refused(*extra)
 
 
-def test_corrupt_npz(small_run, broken_copy):
+def test_corrupt_npz(refused, broken_copy):
     with open(broken_copy / "Digits" / "train" / "2.npz", "wb") as f:
         f.write(b"not a zip archive")
-    argv = small_run("-algo", "Local", "-gr", "1", dataset_dir=broken_copy)
-    assert_one_line_error(run_cli(argv), "corrupt or unreadable", results_of(argv))
+    assert "corrupt or unreadable" in refused(dataset_dir=broken_copy)
 
 
-def test_client_without_training_data(small_run, broken_copy):
+def test_client_without_training_data(refused, broken_copy):
     path = broken_copy / "Digits" / "train" / "1.npz"
     np.savez(path, x=np.zeros((0, 3, 32, 32), np.float32), y=np.zeros(0, np.int64))
-    argv = small_run("-algo", "Local", "-gr", "1", dataset_dir=broken_copy)
-    assert_one_line_error(run_cli(argv), "client 1 has no training data", results_of(argv))
+    assert "client 1 has no training data" in refused(dataset_dir=broken_copy)
+
+
+def test_malformed_flag_value_is_a_usage_error(small_run, results_dir, capsys):
+    argv = small_run("-algo", "Local", "-ab", "maybe")
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(argv)
+    assert exit_info.value.code == 2
+    assert "argument -ab/--auto_break: expected a boolean" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not os.path.exists(results_dir(argv))
+
+
+def test_main_script_exits_2_with_a_one_line_error_from_any_directory(tmp_path):
+    """The one run of system/main.py as a process (the other tests call its main in-process): exit status, stderr."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "system", "main.py"), "-data", "Cifar10",
+                           "-dev", "cpu", "--dataset_dir", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: dataset 'Cifar10' not found")
+    assert "python dataset/generate_Cifar10.py" in lines[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")

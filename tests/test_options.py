@@ -34,14 +34,6 @@ def test_every_reference_flag_is_accepted():
         assert f"{flag} " in parser_help or f"{flag}," in parser_help, flag
 
 
-def test_defaults_are_the_small_offline_run():
-    args = parse_args([])
-    assert (args.dataset, args.model_family, args.algorithm) == ("Digits", "HtCPU4", "FedKTL-stylegan-3")
-    assert (args.batch_size, args.local_learning_rate, args.feature_dim, args.local_epochs) == (10, 0.01, 512, 1)
-    assert (args.server_batch_size, args.server_epochs, args.gen_batch_size) == (100, 100, 4)
-    assert 4 <= args.num_clients <= 10
-
-
 @pytest.mark.parametrize("argv,fragment", [
     (["-jr", "0"], "-jr must be in (0, 1]"),
     (["-jr", "1.5"], "-jr must be in (0, 1]"),

@@ -1,5 +1,5 @@
-"""FedKTL with Stable Diffusion, on a tiny random-weight pipeline saved in the diffusers layout by the test and
-loaded through -GPath like real weights."""
+"""FedKTL with Stable Diffusion, on a tiny random-weight pipeline saved in the diffusers layout (conftest's
+tiny_sd_pipeline) and loaded through -GPath like real weights."""
 import json
 import os
 import shutil
@@ -14,112 +14,71 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from flcore.generators.dcgan import typical_gaussian_norm  # noqa: E402
-from flcore.servers.serverbase import PhaseTimer  # noqa: E402
+from flcore.load_cache import LoadCache  # noqa: E402
 from flcore.servers.serverktl import to_client_images  # noqa: E402
-from flcore.servers.serverktl_stable_diffusion import ServerKTLStableDiffusion  # noqa: E402
-from flutils import experiment
+from flutils import experiment  # noqa: E402
 from flutils.data import load_federated_dataset  # noqa: E402
 from flutils.errors import UserError  # noqa: E402
 from flutils.options import parse_args  # noqa: E402
 from flutils.paths import REPO_ROOT  # noqa: E402
-from flutils.results import read_h5  # noqa: E402
 from sd_pipelines.pipeline import LatentsToImagePipeline  # noqa: E402
 
 # One small client model and large batches keep the runs short; the generator is what is tested here.
 FAST = ["-m", "tiny_cnn", "-lbs", "100", "-se", "5", "-sbs", "8", "--sd_steps", "2", "--image_every", "0"]
 TINY_LATENT_SHAPE = (4, 8, 8)  # UNet sample_size 8, VAE with 4 blocks: 8x down-scaling, 64x64 images
 DOWNLOAD = os.path.join(REPO_ROOT, "stable-diffusion", "v1.5", "download.py")
-RESULTS = "Digits_FedKTL-stable-diffusion_test_0"
-
-
-def write_tokenizer_files(folder):
-    """A character-level CLIP vocabulary (no merges) covering the prompts used here."""
-    letters = sorted(set("acdgthoblurypf"))
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [letter + "</w>" for letter in letters]
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_path, "w") as f:
-        json.dump({token: i for i, token in enumerate(tokens)}, f)
-    with open(merges_path, "w") as f:
-        f.write("#version: 0.2\n")
-    return vocab_path, merges_path, len(tokens)
-
-
-def build_tiny_pipeline(folder):
-    """Random-weight SD-shaped pipeline (8x VAE down-scaling, 4 latent channels, CLIP text encoder)."""
-    os.makedirs(folder, exist_ok=True)
-    vocab_path, merges_path, vocab_size = write_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
-        sample_size=64)
-    # Euler's init_noise_sigma is far from 1, so a missing or doubled scale shows.
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    path = os.path.join(folder, "pipeline")
-    pipeline.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return build_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tiny_path):
-    return LatentsToImagePipeline.from_folder(tiny_path)
+def pipeline(tiny_sd_pipeline):
+    return LatentsToImagePipeline.from_folder(tiny_sd_pipeline)
 
 
 @pytest.fixture
-def sd_argv(small_run, tiny_path):
-    def argv(*extra, path=tiny_path):
+def sd_argv(small_run, tiny_sd_pipeline):
+    """main.py flags of a small FedKTL-stable-diffusion run on the tiny pipeline (or the folder `path`)."""
+    def argv(*extra, path=tiny_sd_pipeline):
         return small_run("-algo", "FedKTL-stable-diffusion", "-GPath", path, *FAST, *extra)
     return argv
 
 
-def make_server(argv):
-    args = parse_args(argv)
-    return ServerKTLStableDiffusion(args, load_federated_dataset(args), 0, torch.device("cpu"))
+@pytest.fixture
+def sd_server(sd_argv, server_from_argv, tiny_sd_pipeline):
+    """sd_server(*flags, path=...): the server of such a run."""
+    def build(*flags, path=tiny_sd_pipeline):
+        return server_from_argv(sd_argv(*flags, path=path))
+    return build
 
 
-def test_latent_dim_comes_from_the_unet_and_vae_configs(sd_argv):
-    adapter = make_server(sd_argv()).image_generator
+def test_latent_dim_comes_from_the_unet_and_vae_configs(sd_server):
+    adapter = sd_server().image_generator
     assert adapter.latent_shape == TINY_LATENT_SHAPE and adapter.latent_dim == 4 * 8 * 8
     assert adapter.pipeline.default_resolution == 64
-    smaller = make_server(sd_argv("--sd_resolution", "32")).image_generator
+    smaller = sd_server("--sd_resolution", "32").image_generator
     assert smaller.latent_shape == (4, 4, 4) and smaller.latent_dim == 64
 
 
-def test_paper_defaults_and_float32_on_cpu(sd_argv):
-    server = make_server(sd_argv("--sd_dtype", "float16"))
-    assert (server.lam, server.mu, server.server_lr) == (0.01, 100.0, 0.1)
+def test_paper_defaults_and_float32_on_cpu(sd_server):
+    server = sd_server("--sd_dtype", "float16")
+    assert (server.lamda, server.mu, server.server_lr) == (0.01, 100.0, 0.1)
     assert server.image_generator.pipeline.dtype == torch.float32
     assert server.image_generator.pipeline.safety_checker is None
 
 
-def test_pipeline_is_loaded_once_per_process(sd_argv):
-    first, second = make_server(sd_argv()), make_server(sd_argv("--seed", "3"))
+def test_pipeline_is_loaded_once_per_experiment(sd_argv, server_from_argv):
+    """The runs of one experiment share its LoadCache, so they share one pipeline; another experiment loads its own."""
+    cache = LoadCache()
+    first = server_from_argv(sd_argv(), cache=cache)
+    second = server_from_argv(sd_argv("--seed", "3"), cache=cache)
     assert first.image_generator.pipeline is second.image_generator.pipeline
+    assert server_from_argv(sd_argv()).image_generator.pipeline is not first.image_generator.pipeline
 
 
-def test_valid_latents_are_scaled_standard_normal(sd_argv):
-    adapter = make_server(sd_argv()).image_generator
+def test_valid_latents_are_scaled_standard_normal(sd_server):
+    adapter = sd_server().image_generator
     sigma = adapter.pipeline.initial_noise_sigma(2)
     assert sigma > 5, "Euler's initial noise is far wider than N(0, 1)"
     assert adapter.noise_sigma == pytest.approx(sigma)
@@ -131,8 +90,8 @@ def test_valid_latents_are_scaled_standard_normal(sd_argv):
 
 
 @pytest.mark.parametrize("rescale", ["1", "0"])
-def test_class_means_move_to_the_noise_norm_unless_lrs_0(sd_argv, rescale):
-    adapter = make_server(sd_argv("-lrs", rescale)).image_generator
+def test_class_means_move_to_the_noise_norm_unless_lrs_0(sd_server, rescale):
+    adapter = sd_server("-lrs", rescale).image_generator
     means = adapter.sample_valid(12, torch.Generator().manual_seed(2)).view(3, 4, -1).mean(1)
     out = adapter.renderable(means)
     if rescale == "0":
@@ -145,9 +104,9 @@ def test_class_means_move_to_the_noise_norm_unless_lrs_0(sd_argv, rescale):
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
-def test_sampling_from_latents_matches_diffusers(tiny_path, pipeline, guidance):
+def test_sampling_from_latents_matches_diffusers(tiny_sd_pipeline, pipeline, guidance):
     """Same images as diffusers' own sampler, which takes unscaled noise and multiplies it by init_noise_sigma."""
-    reference = StableDiffusionPipeline.from_pretrained(tiny_path, local_files_only=True)
+    reference = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline, local_files_only=True)
     reference.set_progress_bar_config(disable=True)
     sigma = pipeline.initial_noise_sigma(2)
     latents = torch.randn(2, *TINY_LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * sigma
@@ -167,10 +126,10 @@ def test_negative_prompt_changes_the_images(pipeline):
     assert (plain - negative).abs().max() > 1e-4
 
 
-def v15_shaped_copy(tiny_path, folder):
+def v15_shaped_copy(tiny_sd_pipeline, folder):
     """The tiny pipeline laid out as the v1.5 release is: model_index.json names a safety checker and a feature
     extractor that are not there, the tokenizer is vocab.json + merges.txt, and the scheduler is PNDM."""
-    shutil.copytree(tiny_path, folder)
+    shutil.copytree(tiny_sd_pipeline, folder)
     index_path = os.path.join(folder, "model_index.json")
     with open(index_path) as f:
         index = json.load(f)
@@ -184,20 +143,21 @@ def v15_shaped_copy(tiny_path, folder):
                    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}, f)
     tokenizer = os.path.join(folder, "tokenizer")
     os.remove(os.path.join(tokenizer, "tokenizer.json"))
-    write_tokenizer_files(tokenizer)
+    for name in ("vocab.json", "merges.txt"):  # the vocabulary the tiny pipeline was made with
+        shutil.copy(os.path.join(os.path.dirname(tiny_sd_pipeline), name), tokenizer)
     return folder
 
 
-def test_a_folder_laid_out_like_the_v15_release_loads(tiny_path, tmp_path, sd_argv):
-    adapter = make_server(sd_argv(path=v15_shaped_copy(tiny_path, str(tmp_path / "v15")))).image_generator
+def test_a_folder_laid_out_like_the_v15_release_loads(tiny_sd_pipeline, tmp_path, sd_server):
+    adapter = sd_server(path=v15_shaped_copy(tiny_sd_pipeline, str(tmp_path / "v15"))).image_generator
     assert type(adapter.pipeline.scheduler).__name__ == "PNDMScheduler" and adapter.noise_sigma == 1.0
     assert adapter.pipeline.safety_checker is None
     images = adapter.render(adapter.sample_valid(1, torch.Generator().manual_seed(0)))
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
-def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
-    server = make_server(sd_argv("-gbs", "4"))
+def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_server, round_timer):
+    server = sd_server("-gbs", "4")
     adapter = server.image_generator
     batch_sizes = []
     render = adapter.render
@@ -207,7 +167,7 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
         return render(latents)
 
     adapter.render = counted_render
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    server.server_round(server.clients, round_timer(server))
     images, latents = server.pair_images, server.pair_latents
     assert batch_sizes == [4, 4, 2]
     assert images.shape == (10, *server.dataset.image_shape) and latents.shape == (10, adapter.latent_dim)
@@ -218,11 +178,10 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_argv):
     torch.testing.assert_close(images[-2:], to_client_images(rendered, server.dataset.image_shape), atol=1e-6, rtol=0)
 
 
-def test_two_rounds_end_to_end(sd_argv):
+def test_two_rounds_end_to_end(sd_argv, results_of):
     argv = sd_argv("-gr", "2")
-    results = argv[argv.index("--results_dir") + 1]
     assert experiment.main(argv) == 0
-    data = read_h5(os.path.join(results, RESULTS + ".h5"))
+    data = results_of(argv)
     assert len(data["align_mmd"]) == 2 and np.all(np.isfinite(data["align_mmd"]))
     assert len(data["rs_test_acc"]) == 3 and np.all(np.isfinite(data["rs_train_loss"][1:]))
     image_floats = int(np.prod(load_federated_dataset(parse_args(argv)).image_shape))
@@ -230,29 +189,14 @@ def test_two_rounds_end_to_end(sd_argv):
     assert data["download_floats"].tolist() == [0, 4 * (pairs + proj)], "K images + K latents, proj once"
 
 
-def test_checkpointed_state_continues_identically(sd_argv, tmp_path):
-    """The adapter keeps no per-round state, so the base class's checkpoint is enough to continue a run."""
-    original = make_server(sd_argv())
-    original.server_round(original.clients, PhaseTimer(original.phases, original.device))
-    path = tmp_path / "state.pt"
-    torch.save(original.state_dict(), path)
-    restored = make_server(sd_argv())
-    restored.load_state_dict(torch.load(path, weights_only=True))
-    assert torch.equal(restored.pair_images, original.pair_images)
-    for server in (original, restored):
-        server.server_round(server.clients, PhaseTimer(server.phases, server.device))
-    assert torch.equal(restored.centroids, original.centroids)
-    assert torch.equal(restored.pair_images, original.pair_images)
-
-
-def test_missing_gpath_points_to_the_weights_readme(small_run):
+def test_missing_gpath_points_to_the_weights_readme(make_server):
     with pytest.raises(UserError, match="stable-diffusion/v1.5/README.md"):
-        make_server(small_run("-algo", "FedKTL-stable-diffusion"))
+        make_server("FedKTL-stable-diffusion")
 
 
-def incomplete_copy(tiny_path, tmp_path, remove):
+def incomplete_copy(tiny_sd_pipeline, tmp_path, remove):
     folder = str(tmp_path / "broken")
-    shutil.copytree(tiny_path, folder)
+    shutil.copytree(tiny_sd_pipeline, folder)
     target = os.path.join(folder, remove)
     shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     return folder
@@ -263,36 +207,36 @@ def incomplete_copy(tiny_path, tmp_path, remove):
                                           ("text_encoder", "text_encoder/config.json"),
                                           ("tokenizer", "tokenizer/tokenizer.json"),
                                           ("scheduler", "scheduler/scheduler_config.json")])
-def test_incomplete_folder_names_the_missing_part(tiny_path, tmp_path, sd_argv, capsys, remove, named):
-    argv = sd_argv("-gr", "1", path=incomplete_copy(tiny_path, tmp_path, remove))
-    assert experiment.main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0] and "v1.5/README.md" in lines[0], lines
-    assert not os.path.exists(argv[argv.index("--results_dir") + 1])
+def test_incomplete_folder_names_the_missing_part(tiny_sd_pipeline, tmp_path, sd_argv, error_line, results_dir,
+                                                  remove, named):
+    argv = sd_argv("-gr", "1", path=incomplete_copy(tiny_sd_pipeline, tmp_path, remove))
+    line = error_line(experiment.main, argv)
+    assert named in line and "v1.5/README.md" in line
+    assert not os.path.exists(results_dir(argv))
 
 
-def test_corrupt_weights_are_a_one_line_error(tiny_path, tmp_path, sd_argv):
+def test_corrupt_weights_are_a_one_line_error(tiny_sd_pipeline, tmp_path, sd_server):
     folder = str(tmp_path / "corrupt")
-    shutil.copytree(tiny_path, folder)
+    shutil.copytree(tiny_sd_pipeline, folder)
     with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "wb") as f:
         f.write(b"not safetensors")
     with pytest.raises(UserError, match="cannot load the Stable Diffusion pipeline") as info:
-        make_server(sd_argv(path=folder))
+        sd_server(path=folder)
     assert "\n" not in str(info.value)
 
 
-def test_hub_name_is_not_fetched_offline(sd_argv):
+def test_hub_name_is_not_fetched_offline(sd_server):
     start = time.perf_counter()
     with pytest.raises(UserError, match="is not a folder"):
-        make_server(sd_argv(path="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+        sd_server(path="stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert time.perf_counter() - start < 5, "a missing folder must fail without network look-ups"
 
 
 @pytest.mark.parametrize("flags,fragment", [(["--sd_resolution", "36"], "multiple of 8"),
                                             (["--sd_steps", "0"], "--sd_steps")])
-def test_bad_sampler_flags(sd_argv, flags, fragment):
+def test_bad_sampler_flags(sd_server, flags, fragment):
     with pytest.raises(UserError, match=fragment):
-        make_server(sd_argv(*flags))
+        sd_server(*flags)
 
 
 def test_download_helper_fails_clearly_offline(tmp_path):

@@ -208,6 +208,9 @@ def run_fresh(script, cwd, only_utils=True):
     prelude = "import sys\n"
     if only_utils:
         prelude += f"sys.path[:] = [{UTILS_DIR!r}] + [p for p in sys.path if p not in ('', {str(cwd)!r})]\n"
+        # The project's editable install finds its modules through a finder of its own: drop it too.
+        prelude += ("sys.meta_path[:] = [f for f in sys.meta_path "
+                    "if not getattr(f, '__module__', '').startswith('__editable__')]\n")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", prelude + script],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

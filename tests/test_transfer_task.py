@@ -7,31 +7,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flcore.servers.serverbase import PhaseTimer
 from flcore.servers.serverktl import centroid_shift
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
-from flutils.data import load_federated_dataset
 from flutils.errors import UserError
 from flutils.options import parse_args
 
 FAST_SERVER = ["-se", "2", "-sbs", "8", "-gen", "untrained"]
 
 
-def server_with_pairs(small_run, *extra):
-    args = parse_args(small_run("-algo", "FedKTL-stylegan-3", *FAST_SERVER, *extra))
-    server = ServerKTLStyleGAN3(args, load_federated_dataset(args), 0, torch.device("cpu"))
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
-    server.round = 1
-    server.send(server.clients)
-    return server
+@pytest.fixture
+def server_with_pairs(make_server, round_timer):
+    """server_with_pairs(*flags): a FedKTL server in round 1 whose clients hold the pairs of round 0."""
+    def build(*flags):
+        server = make_server("FedKTL-stylegan-3", *FAST_SERVER, *flags)
+        server.server_round(server.clients, round_timer(server))
+        server.round = 1
+        server.send(server.clients)
+        return server
+    return build
 
 
-def fixed_batch(client):
-    return client.to_device(client.train_x[:8], client.train_y[:8])
-
-
-def test_pairs_per_class_sends_the_centroids_first_then_latents_around_them(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "--kt_pairs_per_class", "3")
+def test_pairs_per_class_sends_the_centroids_first_then_latents_around_them(server_with_pairs):
+    server = server_with_pairs("--kt_pairs_per_class", "3")
     k, latent = server.num_classes, server.image_generator.latent_dim
     assert server.pair_latents.shape == (3 * k, latent) and server.pair_images.shape[0] == 3 * k
     assert torch.equal(server.pair_latents[:k], server.centroids.detach()), "rows 0..K-1: the class centroids"
@@ -43,22 +39,22 @@ def test_pairs_per_class_sends_the_centroids_first_then_latents_around_them(smal
     assert torch.cdist(mixed_in[0], mixed_in[1]).diagonal().min() > 1, "a fresh valid latent for every pair"
 
 
-def test_pair_spread_zero_repeats_the_centroids(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "--kt_pairs_per_class", "2", "--kt_pair_spread", "0")
+def test_pair_spread_zero_repeats_the_centroids(server_with_pairs):
+    server = server_with_pairs("--kt_pairs_per_class", "2", "--kt_pair_spread", "0")
     k = server.num_classes
     assert torch.equal(server.pair_latents[k:], server.pair_latents[:k])
     assert torch.allclose(server.pair_images[k:], server.pair_images[:k], atol=1e-5)
 
 
-def test_one_pair_per_class_leaves_the_random_stream_of_the_paper_setting(small_run, one_torch_thread):
-    default = server_with_pairs(small_run)
-    explicit = server_with_pairs(small_run, "--kt_pairs_per_class", "1", "--kt_pair_spread", "0.9")
+def test_one_pair_per_class_leaves_the_random_stream_of_the_paper_setting(server_with_pairs):
+    default = server_with_pairs()
+    explicit = server_with_pairs("--kt_pairs_per_class", "1", "--kt_pair_spread", "0.9")
     assert torch.equal(default.pair_latents, explicit.pair_latents)
     assert torch.equal(default.torch_generator.get_state(), explicit.torch_generator.get_state())
 
 
-def test_feature_norm_makes_the_transfer_loss_blind_to_the_feature_scale(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "-kfn", "1")
+def test_feature_norm_makes_the_transfer_loss_blind_to_the_feature_scale(server_with_pairs):
+    server = server_with_pairs("-kfn", "1")
     client = server.clients[0]
     client.model.eval()
     images, latents = client.pair_images, client.pair_latents
@@ -72,8 +68,8 @@ def test_feature_norm_makes_the_transfer_loss_blind_to_the_feature_scale(small_r
         F.mse_loss(client.proj(3.0 * features), latents).item(), rel=1e-5)
 
 
-def test_without_base_gradient_only_proj_learns_the_task(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "-kbg", "0")
+def test_without_base_gradient_only_proj_learns_the_task(server_with_pairs):
+    server = server_with_pairs("-kbg", "0")
     client = server.clients[0]
     client.model.train()
     client.model.zero_grad()
@@ -83,8 +79,8 @@ def test_without_base_gradient_only_proj_learns_the_task(small_run, one_torch_th
     assert client.proj.weight.grad is not None and client.proj.weight.grad.abs().sum() > 0
 
 
-def test_mu_warmup_raises_mu_linearly_and_reaches_the_full_value(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "--mu_warmup", "4", "-mu", "20")
+def test_mu_warmup_raises_mu_linearly_and_reaches_the_full_value(server_with_pairs, fixed_batch):
+    server = server_with_pairs("--mu_warmup", "4", "-mu", "20")
     assert [server.mu_at(r) for r in range(6)] == [0.0, 5.0, 10.0, 15.0, 20.0, 20.0]
     assert all(client.mu == 5.0 for client in server.clients), "send() hands each client the round's mu"
     client = server.clients[0]
@@ -98,8 +94,8 @@ def test_mu_warmup_raises_mu_linearly_and_reaches_the_full_value(small_run, one_
     assert client.training_loss(x, y).item() == pytest.approx((classification + 5.0 * transfer).item(), rel=1e-5)
 
 
-def test_diagnostics_measure_the_two_gradients_and_leave_training_unchanged(small_run, one_torch_thread):
-    server = server_with_pairs(small_run)
+def test_diagnostics_measure_the_two_gradients_and_leave_training_unchanged(server_with_pairs, fixed_batch):
+    server = server_with_pairs()
     plain = server.clients[0]
     measured = copy.deepcopy(plain)
     measured.diagnostics = True
@@ -128,12 +124,12 @@ def test_diagnostics_measure_the_two_gradients_and_leave_training_unchanged(smal
     assert norms_and_cosine[2].item() == pytest.approx(F.cosine_similarity(*flat, dim=0).item(), abs=1e-4)
 
 
-def test_round_metrics_include_the_shift_and_gradient_measures(small_run, one_torch_thread):
-    server = server_with_pairs(small_run, "--kt_diagnostics", "1")
+def test_round_metrics_include_the_shift_and_gradient_measures(server_with_pairs, round_timer):
+    server = server_with_pairs("--kt_diagnostics", "1")
     first = server.pair_latents.clone()
     for client in server.clients:
         client.train()
-    server.server_round(server.clients, PhaseTimer(server.phases, server.device))
+    server.server_round(server.clients, round_timer(server))
     m = server.round_metrics
     assert m["centroid_shift"] == pytest.approx(centroid_shift(first, server.pair_latents), rel=1e-6)
     assert m["centroid_shift"] > 0
