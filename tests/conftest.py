@@ -59,7 +59,7 @@ def make_server(small_run, server_from_argv):
 
 @pytest.fixture(scope="session")
 def round_timer():
-    """round_timer(server): the per-phase timer that server.server_round(arrived, timer) takes."""
+    """round_timer(server): the per-phase timer that server.exchange(arrived, timer) takes."""
     def timer(server):
         return PhaseTimer(server.phases, server.device)
     return timer

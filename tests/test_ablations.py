@@ -35,7 +35,7 @@ def train_rounds(server, rounds):
 def test_mu_zero_gives_the_same_models_as_no_generated_data(make_server, monkeypatch):
     with_pairs = make_server(*FAST_KTL, "-mu", "0")
     without_pairs = make_server(*FAST_KTL, "-mu", "0")
-    monkeypatch.setattr(without_pairs, "send", lambda selected: None)
+    monkeypatch.setattr(without_pairs, "send_to", lambda client: None)
     train_rounds(with_pairs, 2)
     train_rounds(without_pairs, 2)
     assert with_pairs.clients[0].pair_latents is not None and without_pairs.clients[0].pair_latents is None
@@ -69,21 +69,21 @@ def test_feature_transformer_off_stays_fixed(make_server, round_timer):
     server = make_server(*FAST_KTL, "-ft", "0")
     before = {k: v.clone() for k, v in server.transformer.state_dict().items()}
     assert not any(p.requires_grad for p in server.transformer.parameters())
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert all(torch.equal(before[k], v) for k, v in server.transformer.state_dict().items())
 
     trained = make_server(*FAST_KTL)
     before = {k: v.clone() for k, v in trained.transformer.state_dict().items()}
-    trained.server_round(trained.clients, round_timer(trained))
+    trained.exchange(trained.clients, round_timer(trained))
     assert not all(torch.equal(before[k], v) for k, v in trained.transformer.state_dict().items())
 
 
 def test_mmd_off(make_server, round_timer):
     server = make_server(*FAST_KTL, "-mmd", "0")
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert server.round_metrics["align_mmd"] == 0.0
     server = make_server(*FAST_KTL)
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert server.round_metrics["align_mmd"] > 0.0
 
 
@@ -99,7 +99,7 @@ def class_means(server):
 @pytest.mark.parametrize("reset", ["1", "0"])
 def test_centroid_reset(make_server, round_timer, reset):
     server = make_server(*FAST_KTL, "-cr", reset)
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     means = class_means(server)
     renderable = server.image_generator.renderable  # the face DCGAN's: class means moved to the typical norm
     matches = [torch.allclose(server.centroids[c], renderable(m[None])[0], atol=1e-5) for c, m in means.items()]
@@ -108,7 +108,7 @@ def test_centroid_reset(make_server, round_timer, reset):
 
 def test_reset_proj_sends_proj_every_round(make_server, round_timer):
     server = make_server(*FAST_KTL, "-rp", "1")
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     server.send(server.clients)
     client = server.clients[0]
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(mak
     arrived = server.clients[:3]
     weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
     expected = sum(w * c.model.head.weight.detach() for w, c in zip(weights / weights.sum(), arrived))
-    server.server_round(arrived, round_timer(server))
+    server.exchange(arrived, round_timer(server))
     assert server.upload_floats == 3 * head_floats()
     torch.testing.assert_close(server.global_head["weight"], expected)
 
@@ -99,7 +99,7 @@ def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_b
     for c in server.clients:
         c.train()
     uploads = [c.class_logits() for c in server.clients]
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     for row, cls in zip(server.global_logits, server.global_classes.tolist()):
         rows = [logits[(classes == cls).nonzero().item()] for logits, classes in uploads if cls in classes]
         torch.testing.assert_close(row, torch.stack(rows).mean(0))
@@ -152,7 +152,7 @@ def test_fml_averages_shared_models_and_every_client_starts_from_one(make_server
     weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
     name = next(iter(server.global_meme))
     expected = sum(w * dict(c.meme.named_parameters())[name].detach() for w, c in zip(weights / weights.sum(), arrived))
-    server.server_round(arrived, round_timer(server))
+    server.exchange(arrived, round_timer(server))
     assert server.upload_floats == 2 * fml_model_floats()
     torch.testing.assert_close(server.global_meme[name], expected)
     server.send(server.clients[2:])
@@ -173,7 +173,7 @@ def test_fedgen_client_loss_adds_the_generated_feature_term(make_server, round_t
     client.model.eval()
     assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(client.model(x), y).item(), rel=1e-6)
 
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     counts = sum(torch.bincount(c.train_y, minlength=K) for c in server.clients).float()
     torch.testing.assert_close(server.label_prior, counts / counts.sum())
     server.send([client])
@@ -204,7 +204,7 @@ def test_fedgen_generator_learns_from_the_heads(make_server, round_timer):
         with torch.no_grad():
             return F.cross_entropy(head(server.feature_generator.eval().sample(labels, noise)), labels).item()
 
-    server.receive_heads(server.clients)
+    server.receive_heads([server.collect(client) for client in server.clients])
     before = global_head_loss()
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert global_head_loss() < before

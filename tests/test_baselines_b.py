@@ -96,7 +96,7 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     assert packed_floats(upload) == rank_one + vectors
 
     server.download_floats = 0
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert server.upload_floats == CLIENTS * (rank_one + vectors)
     # The average holds 4 orthogonal directions of equal weight (3/4 < 0.95 of the energy): rank 4 is kept.
     assert all(packed["s"].numel() == 4 for packed in server.last_update.values() if "s" in packed)
@@ -108,12 +108,12 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
 
     # A client one version behind gets the last compressed update; one further behind, the whole mentee.
     straggler, others = server.clients[0], server.clients[1:]
-    server.server_round(others, round_timer(server))
+    server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
     assert server.download_floats == packed_floats(server.last_update) and straggler.synced_version == 2
-    server.server_round(others, round_timer(server))
-    server.server_round(others, round_timer(server))
+    server.exchange(others, round_timer(server))
+    server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
     assert server.download_floats == 156810 and straggler.synced_version == 4
@@ -233,7 +233,7 @@ def test_fedtgp_server_training_separates_the_classes(make_server):
 def test_fedgh_clients_take_the_global_head(make_server, round_timer):
     server = make_server("FedGH", "-se", "5")
     uploaded = sum(len(client.class_means()[1]) for client in server.clients)
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert server.upload_floats == uploaded * D
     assert server.download_floats == CLIENTS * (D * K + K)
     for client in server.clients:

@@ -166,7 +166,7 @@ def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_
     server = make_server(*FAST_KTL)
     adapter = server.image_generator
     assert isinstance(adapter, GaussianLatents) and adapter.latent_dim == 100
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     norms = server.pair_latents.norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, typical_gaussian_norm(100)), atol=1e-4)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_
 @needs_weights
 def test_without_rescaling_the_class_means_are_rendered_as_they_are(make_server, round_timer):
     server = make_server(*FAST_KTL, "-lrs", "0")
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     assert torch.equal(server.pair_latents, server.centroids.detach())
     assert server.round_metrics["pair_latent_norm"] < server.round_metrics["valid_latent_norm"]
 

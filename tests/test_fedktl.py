@@ -20,7 +20,7 @@ FAST_SERVER = ["-se", "5", "-sbs", "8"]
 
 def test_generated_pairs_have_client_shape_and_normalization(make_server, round_timer):
     server = make_server("FedKTL-stylegan-3", *FAST_SERVER, "-gen", "untrained")
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     images, latents = server.pair_images, server.pair_latents
     assert images.shape == (10, 3, 32, 32) and latents.shape == (10, server.image_generator.latent_dim)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
@@ -49,7 +49,7 @@ def test_knowledge_transfer_loss_starts_in_round_one(make_server, round_timer, f
     margin_only = arc_margin_loss(etf_cosines(client.model(x), client.etf), y).item()
     assert client.training_loss(x, y).item() == pytest.approx(margin_only, rel=1e-6), "round 0 has no pairs"
 
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     server.send(server.clients)
     with_pairs = client.training_loss(x, y).item()
     if mu == "0":
@@ -62,7 +62,7 @@ def test_knowledge_transfer_loss_starts_in_round_one(make_server, round_timer, f
 
 def test_clients_get_proj_once_and_count_downloads(make_server, round_timer):
     server = make_server("FedKTL-stylegan-3", *FAST_SERVER)
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     server.download_floats = 0
     server.send(server.clients[:2])
     latent = server.image_generator.latent_dim

@@ -27,7 +27,7 @@ def modes(small_argv, server_from_argv, round_timer, tmp_path_factory):
     clients = {}
     for mode in ("update", "keep", "aux"):
         server = server_from_argv(small_argv(tmp_path_factory.mktemp("results"), "-algo", *FAST_KTL, "--kt_norm", mode))
-        server.server_round(server.clients, round_timer(server))
+        server.exchange(server.clients, round_timer(server))
         server.send(server.clients)
         clients[mode] = server.clients
     return clients
@@ -139,7 +139,7 @@ def test_client_gradient_clip_is_measured_and_applied(make_server, round_timer, 
     before = [p.detach().clone() for p in client.model.parameters()]
     client.train()
     assert len(client.grad_norms) == client.batches_last_round and min(client.grad_norms) > 0
-    server.server_round([client], round_timer(server))
+    server.exchange([client], round_timer(server))
     metrics = server.round_metrics
     assert metrics["client_grad_norm"] == pytest.approx(float(torch.stack(client.grad_norms).mean()))
     assert metrics["clipped_fraction"] == clipped
@@ -155,11 +155,11 @@ def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(make_server,
     client = server.clients[0]
     client.train()
     timer = round_timer(server)
-    server.server_round([client], timer)
+    server.exchange([client], timer)
     assert client.transfer_losses == [] and math.isnan(server.round_metrics["transfer_loss"])
     server.send([client])
     client.train()
     assert len(client.transfer_losses) == client.batches_last_round
-    server.server_round([client], timer)
+    server.exchange([client], timer)
     assert server.round_metrics["transfer_loss"] == pytest.approx(float(torch.stack(client.transfer_losses).mean()))
     assert server.round_metrics["transfer_loss"] > 0

@@ -167,7 +167,7 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_server, round
         return render(latents)
 
     adapter.render = counted_render
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     images, latents = server.pair_images, server.pair_latents
     assert batch_sizes == [4, 4, 2]
     assert images.shape == (10, *server.dataset.image_shape) and latents.shape == (10, adapter.latent_dim)

@@ -19,7 +19,7 @@ def server_with_pairs(make_server, round_timer):
     """server_with_pairs(*flags): a FedKTL server in round 1 whose clients hold the pairs of round 0."""
     def build(*flags):
         server = make_server("FedKTL-stylegan-3", *FAST_SERVER, *flags)
-        server.server_round(server.clients, round_timer(server))
+        server.exchange(server.clients, round_timer(server))
         server.round = 1
         server.send(server.clients)
         return server
@@ -129,7 +129,7 @@ def test_round_metrics_include_the_shift_and_gradient_measures(server_with_pairs
     first = server.pair_latents.clone()
     for client in server.clients:
         client.train()
-    server.server_round(server.clients, round_timer(server))
+    server.exchange(server.clients, round_timer(server))
     m = server.round_metrics
     assert m["centroid_shift"] == pytest.approx(centroid_shift(first, server.pair_latents), rel=1e-6)
     assert m["centroid_shift"] > 0

@@ -60,6 +60,13 @@ def build_parser():
                          help="folder for per-round checkpoints (none when empty)")
     general.add_argument("--resume", action="store_true",
                          help="continue each run from its last checkpoint in -sfn")
+    general.add_argument("--client_state", default="auto", choices=["auto", "memory", "disk"],
+                         help="where each client's state waits between its turns: all in memory (fastest), on disk "
+                              "with one client in memory at a time (memory stays flat with many or large clients), "
+                              "or auto: memory when the estimated state fits in the available memory (results are "
+                              "the same either way)")
+    general.add_argument("--client_state_dir", default="",
+                         help="folder of the disk store (default: client_state/ in -sfn, else in --results_dir)")
     general.add_argument("--num_threads", type=int, default=0,
                          help="CPU threads for torch (0: torch's default)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")

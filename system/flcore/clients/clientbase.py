@@ -142,7 +142,8 @@ class Client:
 
     @torch.no_grad()
     def test_metrics(self):
-        """(correct, samples, micro AUC) on the client's test split; AUC is nan when it has no test data."""
+        """(correct, samples, micro AUC) on the client's test split; AUC is nan when it has no test data or the
+        model's scores are not finite."""
         if len(self.test_y) == 0:
             return 0, 0, float("nan")
         self.model.eval()
@@ -152,7 +153,14 @@ class Client:
             outputs.append(self.scores(x).float().cpu())
         scores = torch.cat(outputs)
         correct = int((scores.argmax(1) == self.test_y).sum())
+        if not torch.isfinite(scores).all():  # a diverged model: no ranking to score, but the run goes on
+            return correct, len(self.test_y), float("nan")
         return correct, len(self.test_y), micro_auc(self.test_y.numpy(), scores.numpy(), self.num_classes)
+
+    def state_modules(self):
+        """The modules whose parameters and buffers `state_dict()` holds: what a client-state store may free
+        between turns and `load_state_dict` fills again."""
+        return [self.model]
 
     def state_dict(self):
         return {

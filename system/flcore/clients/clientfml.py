@@ -47,6 +47,9 @@ class ClientFML(Client):
             torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
         self.optimizer.step()
 
+    def state_modules(self):
+        return [self.model, self.meme]
+
     def state_dict(self):
         state = super().state_dict()
         state["meme"] = self.meme.state_dict()

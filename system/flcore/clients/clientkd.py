@@ -66,6 +66,9 @@ class ClientFedKD(Client):
         return {name: svd_compress(t - self.synced_state[name], energy)
                 for name, t in shared_state(self.mentee).items()}
 
+    def state_modules(self):
+        return [self.model, self.mentee, self.hidden_map]
+
     def state_dict(self):
         state = super().state_dict()
         state.update(mentee=self.mentee.state_dict(), hidden_map=self.hidden_map.state_dict(),

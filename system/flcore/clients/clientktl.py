@@ -134,6 +134,9 @@ class ClientKTL(Client):
         classes = torch.nonzero(counts).squeeze(1)
         return F.normalize(sums[classes], dim=1), classes
 
+    def state_modules(self):
+        return [self.model, self.proj] + ([self.aux_norm] if self.aux_norm is not None else [])
+
     def state_dict(self):
         state = super().state_dict()
         state.update(proj=self.proj.state_dict(), has_proj=self.has_proj, pair_order=self.pair_order)

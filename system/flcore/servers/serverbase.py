@@ -1,4 +1,6 @@
 """The federated round loop shared by every algorithm, with clients simulated in one process."""
+import hashlib
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -7,6 +9,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flcore.client_store import (
+    AVAILABLE_SHARE,
+    STATE_MULTIPLE,
+    DiskStore,
+    MemoryStore,
+    available_memory_bytes,
+    state_bytes,
+)
 from flcore.clients.clientbase import Client, ClientSetup
 from flcore.load_cache import LoadCache
 from flcore.trainmodel import build_family_model
@@ -15,7 +25,8 @@ from flutils.results import History, run_name
 
 # Flags that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
-                     "image_every", "num_threads", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir"}
+                     "image_every", "num_threads", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir",
+                     "client_state", "client_state_dir"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1
@@ -46,10 +57,14 @@ class PhaseTimer:
 
 
 class Server:
-    """One run of an algorithm. A subclass says what its clients are (`new_client`), what the server sends
-    (`send`) and does with the uploads (`server_round`), which state it checkpoints, and which flags it owns
-    (`add_flags`, `check_flags`: read by flutils/options.py, so `main.py -h` lists them in the algorithm's group)."""
+    """One run of an algorithm. A subclass says what its clients are (`new_client`), what the server sends each
+    selected client (`send_to`), what it takes from each after training (`collect`) and does with what arrived
+    (`server_round`), which state it checkpoints, and which flags it owns (`add_flags`, `check_flags`: read by
+    flutils/options.py, so `main.py -h` lists them in the algorithm's group). Clients are touched only inside
+    `self.store.loaded(client)`, so their state may wait on disk between turns (flcore/client_store.py)."""
     phases = ("eval", "train")
+    # The phase that times `collect` (FedKTL: "prototypes").
+    collect_phase = "train"
 
     def __init__(self, args, dataset, run, device, cache=None):
         self.args = args
@@ -73,6 +88,8 @@ class Server:
         slow_train = self.pick_clients(args.train_slow_rate)
         self.send_slow = self.pick_clients(args.send_slow_rate)
         self.clients = []
+        self.store = self.open_store() if args.client_state == "disk" else MemoryStore()
+        state_sizes = []
         for i in range(self.num_clients):
             client_seed = derive_seed(args.seed, run, i)
             torch.manual_seed(client_seed)
@@ -83,8 +100,39 @@ class Server:
                 num_classes=args.num_classes, batch_size=args.batch_size, local_epochs=args.local_epochs,
                 learning_rate=args.local_learning_rate, train_slow=i in slow_train,
                 learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
-            self.clients.append(self.new_client(setup))
+            client = self.new_client(setup)
+            state_sizes.append(state_bytes(client))
+            self.clients.append(client)
+            self.store.add(client)
+            if args.client_state == "auto" and self.store.kind == "memory" and not self.fits_in_memory(state_sizes):
+                self.store = self.open_store()
+                for built in self.clients:
+                    self.store.add(built)
         torch.manual_seed(self.seed)
+        if args.client_state == "auto":
+            where = "memory" if self.store.kind == "memory" else f"disk ({self.store.folder})"
+            available = available_memory_bytes()
+            tqdm.write(f"client state: {where}; estimated {self.estimated_state_bytes(state_sizes) / 2**30:.1f} GiB "
+                       f"resident for {self.num_clients} clients, "
+                       f"{available / 2**30 if available else float('nan'):.1f} GiB available (--client_state chooses)")
+
+    def estimated_state_bytes(self, state_sizes):
+        """Resident memory of all clients in memory, extrapolated from the clients built so far."""
+        return STATE_MULTIPLE * sum(state_sizes) * self.num_clients / len(state_sizes)
+
+    def fits_in_memory(self, state_sizes):
+        available = available_memory_bytes()
+        return available is None or self.estimated_state_bytes(state_sizes) <= AVAILABLE_SHARE * available
+
+    def open_store(self):
+        """A disk store in this run's folder under --client_state_dir (default: client_state/ beside the
+        checkpoints, else beside the results)."""
+        args = self.args
+        root = args.client_state_dir or os.path.join(args.save_folder_name or args.results_dir, "client_state")
+        run_key = hashlib.sha256(json.dumps([self.fingerprint(), self.run], sort_keys=True, default=str)
+                                 .encode()).hexdigest()[:16]
+        return DiskStore(os.path.join(root, run_name(args, self.run)), run_key,
+                         keep_for_checkpoints=bool(args.save_folder_name))
 
     @classmethod
     def add_flags(cls, parser):
@@ -129,8 +177,14 @@ class Server:
             arrived = kept
         return arrived
 
-    def evaluate(self):
-        stats = [client.test_metrics() for client in self.clients]
+    def evaluate(self, stats=None):
+        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss), measured
+        now when `stats` is None."""
+        if stats is None:
+            stats = []
+            for client in self.clients:
+                with self.store.loaded(client, modify=False):
+                    stats.append((*client.test_metrics(), client.last_train_loss))
         correct = np.array([s[0] for s in stats], dtype=np.float64)
         counts = np.array([s[1] for s in stats], dtype=np.float64)
         aucs = np.array([s[2] for s in stats], dtype=np.float64)
@@ -138,18 +192,41 @@ class Server:
         acc = correct.sum() / counts.sum()
         auc = float(np.sum(aucs[has_test] * counts[has_test]) / counts.sum())
         per_client_acc = correct[has_test] / counts[has_test]
-        losses = [c.last_train_loss for c in self.clients if not np.isnan(c.last_train_loss)]
+        losses = [s[3] for s in stats if not np.isnan(s[3])]
         train_loss = float(np.mean(losses)) if losses else float("nan")
         self.history.record_eval(self.round, float(acc), auc, float(per_client_acc.std()),
                                  float(aucs[has_test].std()), train_loss)
         tqdm.write(f"round {self.round:4d} | test acc {acc:.4f} | test auc {auc:.4f} | "
                    f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}")
 
-    def send(self, selected):
-        """What the server sends to the clients selected for this round; `Local` sends nothing."""
+    def prepare_round(self, selected):
+        """What the server computes once per round before sending (no client is touched here)."""
 
-    def server_round(self, arrived, timer):
-        """What the server does with the uploads of one round; `Local` has nothing to do."""
+    def send_to(self, client):
+        """What the server sends one selected client before its evaluation and training; `Local` sends nothing."""
+
+    def collect(self, client):
+        """What the server takes from a client after its training (its upload); `Local` takes nothing."""
+        return None
+
+    def server_round(self, uploads, timer):
+        """What the server does with the uploads that arrived ({client id: collect's value}, in arrival order);
+        `Local` has nothing to do."""
+
+    def send(self, selected):
+        """The round's sending to `selected`, outside the round loop (tools, tests)."""
+        self.prepare_round(selected)
+        for client in selected:
+            with self.store.loaded(client):
+                self.send_to(client)
+
+    def exchange(self, arrived, timer):
+        """Collects the uploads of `arrived` and runs the server's round on them, outside the round loop."""
+        uploads = {}
+        for client in arrived:
+            with self.store.loaded(client):
+                uploads[client.id] = self.collect(client)
+        self.server_round(uploads, timer)
 
     def train(self):
         """Run the remaining rounds; returns the history. As in the reference library, round r selects clients
@@ -166,21 +243,38 @@ class Server:
             self.upload_floats = self.download_floats = 0
             self.round_metrics = {}
             selected = self.select_clients()
-            self.send(selected)
+            self.prepare_round(selected)
             last = r == self.args.global_rounds
-            if r % self.args.eval_gap == 0 or last:
-                with timer("eval"):
-                    self.evaluate()
+            evaluating = r % self.args.eval_gap == 0 or last
+            # Training may share a client's turn with its evaluation unless the evaluation can end the run.
+            train_in_turn = not (last or self.args.auto_break)
+            chosen = {client.id for client in selected}
+            stats, train_seconds, uploads = {}, {}, {}
+            # Each client's turn: what the server sends, its evaluation (before any training, as in the reference
+            # library), then its training. A turn touches only the client's own state and no shared random
+            # stream but training's, so one client at a time in the selection order gives the same results as
+            # sending to all, evaluating all, then training all.
+            others = [client for client in self.clients if client.id not in chosen] if evaluating else []
+            for client in tqdm(selected + others, desc="clients", unit="client", leave=False):
+                with self.store.loaded(client, modify=client.id in chosen):
+                    if client.id in chosen:
+                        self.send_to(client)
+                    if evaluating:
+                        with timer("eval"):
+                            stats[client.id] = (*client.test_metrics(), client.last_train_loss)
+                    if train_in_turn and client.id in chosen:
+                        self.train_client(client, timer, train_seconds, uploads)
+            if evaluating:
+                self.evaluate([stats[client.id] for client in self.clients])
                 if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
                     break
-            train_seconds = {}
-            with timer("train"):
-                for client in tqdm(selected, desc="clients", unit="client", leave=False):
-                    client_start = time.perf_counter()
-                    client.train()
-                    train_seconds[client.id] = time.perf_counter() - client_start
+            if not train_in_turn:
+                for client in selected:
+                    with self.store.loaded(client):
+                        self.train_client(client, timer, train_seconds, uploads)
             trained = [self.clients[i] for i in train_seconds]
-            self.server_round(self.arrived_uploads(trained, train_seconds), timer)
+            arrived = self.arrived_uploads(trained, train_seconds)
+            self.server_round({client.id: uploads[client.id] for client in arrived}, timer)
             self.history.record_round(time.perf_counter() - start, timer.seconds,
                                       self.upload_floats, self.download_floats, self.round_metrics)
             self.round = r + 1
@@ -189,7 +283,17 @@ class Server:
         times = self.history.values["round_time"]
         tqdm.write(f"run {self.run}: best test accuracy {best_acc:.4f} at round {best_round}; "
                    f"{np.mean(times) if times else float('nan'):.2f} s per round")
+        self.store.close()
         return self.history
+
+    def train_client(self, client, timer, train_seconds, uploads):
+        """One selected client's local training and upload, recorded by client id."""
+        with timer("train"):
+            start = time.perf_counter()
+            client.train()
+            train_seconds[client.id] = time.perf_counter() - start
+        with timer(self.collect_phase):
+            uploads[client.id] = self.collect(client)
 
     def extra_state(self):
         """Algorithm-specific server state to checkpoint."""
@@ -214,7 +318,7 @@ class Server:
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "clients": [client.state_dict() for client in self.clients],
+            "clients": self.store.checkpoint_state(self.clients),
             "extra": self.extra_state(),
         }
 
@@ -230,8 +334,7 @@ class Server:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        for client, client_state in zip(self.clients, state["clients"]):
-            client.load_state_dict(client_state)
+        self.store.restore(self.clients, state["clients"])
         self.load_extra_state(state["extra"])
 
     def save_checkpoint(self):
@@ -243,6 +346,7 @@ class Server:
         tmp = path + ".tmp"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
+        self.store.checkpoint_written()
 
     def resume(self):
         """Load this run's checkpoint; returns False when there is none (the run starts from round 0)."""

@@ -25,15 +25,17 @@ class ServerFedDistill(Server):
     def new_client(self, setup):
         return ClientDistill(setup, lamda=self.lamda)
 
-    def send(self, selected):
+    def send_to(self, client):
         if self.global_logits is None:
             return
-        for client in selected:
-            client.receive_logits(self.global_logits, self.global_classes)
-            self.download_floats += self.global_logits.numel()
+        client.receive_logits(self.global_logits, self.global_classes)
+        self.download_floats += self.global_logits.numel()
 
-    def server_round(self, arrived, timer):
-        uploads = [client.class_logits() for client in arrived]
+    def collect(self, client):
+        return client.class_logits()
+
+    def server_round(self, uploads, timer):
+        uploads = list(uploads.values())
         self.upload_floats += sum(logits.numel() for logits, _ in uploads)
         if not uploads:
             return

@@ -47,16 +47,18 @@ class ServerFML(Server):
     def new_client(self, setup):
         return ClientFML(setup, meme=copy.deepcopy(self.meme_template), alpha=self.args.alpha, beta=self.args.beta)
 
-    def send(self, selected):
-        for client in selected:
-            client.receive_meme(self.global_meme)
-            self.download_floats += float_count(self.global_meme)
+    def send_to(self, client):
+        client.receive_meme(self.global_meme)
+        self.download_floats += float_count(self.global_meme)
 
-    def server_round(self, arrived, timer):
-        memes = [parameters_of(client.meme) for client in arrived]
+    def collect(self, client):
+        return parameters_of(client.meme), client.num_train
+
+    def server_round(self, uploads, timer):
+        memes = [meme for meme, _ in uploads.values()]
         self.upload_floats += sum(float_count(meme) for meme in memes)
         if memes:
-            self.global_meme = weighted_average(memes, [client.num_train for client in arrived])
+            self.global_meme = weighted_average(memes, [samples for _, samples in uploads.values()])
 
     def extra_state(self):
         return {"global_meme": self.global_meme}

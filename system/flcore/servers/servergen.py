@@ -54,29 +54,34 @@ class ServerFedGen(ServerLG):
         return ClientFedGen(setup, noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim,
                             feature_dim=self.args.feature_dim)
 
-    def send(self, selected):
-        super().send(selected)
+    def prepare_round(self, selected):
+        self.generator_state = None if self.label_prior is None else {
+            k: v.clone() for k, v in self.feature_generator.state_dict().items()}
+
+    def send_to(self, client):
+        super().send_to(client)
         if self.label_prior is None:
             return
-        state = {k: v.clone() for k, v in self.feature_generator.state_dict().items()}
-        for client in selected:
-            client.receive_generator(state, self.label_prior)
-            self.download_floats += float_count(state) + self.label_prior.numel()
+        client.receive_generator(self.generator_state, self.label_prior)
+        self.download_floats += float_count(self.generator_state) + self.label_prior.numel()
 
-    def server_round(self, arrived, timer):
-        heads = self.receive_heads(arrived)
-        self.upload_floats += self.num_classes * len(arrived)
-        if not arrived:
+    def collect(self, client):
+        return {**super().collect(client), "label_counts": client.label_counts}
+
+    def server_round(self, uploads, timer):
+        uploads = list(uploads.values())
+        heads = self.receive_heads(uploads)
+        self.upload_floats += self.num_classes * len(uploads)
+        if not uploads:
             self.round_metrics = {"generator_loss": math.nan}
             return
-        counts = torch.stack([client.label_counts for client in arrived]).sum(0)
+        counts = torch.stack([upload["label_counts"] for upload in uploads]).sum(0)
         self.label_prior = counts / counts.sum()
         with timer("generator"):
-            loss = self.train_generator([client.model.head for client in arrived], heads,
-                                        [client.num_train for client in arrived])
+            loss = self.train_generator(heads, [upload["samples"] for upload in uploads])
         self.round_metrics = {"generator_loss": loss}
 
-    def train_generator(self, head_modules, heads, samples):
+    def train_generator(self, heads, samples):
         """-se Adam steps on batches of labels drawn from the label distribution; returns the mean loss."""
         weights = [n / sum(samples) for n in samples]
         batch = max(2, self.args.batch_size)  # BatchNorm needs two samples
@@ -86,8 +91,8 @@ class ServerFedGen(ServerLG):
             labels = torch.multinomial(self.label_prior, batch, replacement=True, generator=self.torch_generator)
             labels = labels.to(self.device)
             features = self.feature_generator.sample(labels, self.torch_generator)
-            logits = sum(w * functional_call(module, head, (features,))
-                         for w, module, head in zip(weights, head_modules, heads))
+            # One head module evaluated with each client's parameters (check_head made all heads alike).
+            logits = sum(w * functional_call(self.head_template, head, (features,)) for w, head in zip(weights, heads))
             loss = F.cross_entropy(logits, labels)
             self.generator_optimizer.zero_grad(set_to_none=True)
             loss.backward()

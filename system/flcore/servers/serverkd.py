@@ -58,21 +58,26 @@ class ServerFedKD(Server):
         progress = self.round / max(self.args.global_rounds, 1)
         return self.args.T_start + (self.args.T_end - self.args.T_start) * progress
 
-    def send(self, selected):
-        for client in selected:
-            if client.synced_version == self.version:
-                continue
-            if client.synced_version == self.version - 1 and self.last_update is not None:
-                self.send_update(client)
-            else:
-                state = shared_state(self.mentee)
-                client.receive_full(state, self.version)
-                self.download_floats += sum(t.numel() for t in state.values())
+    def send_to(self, client):
+        """Nothing to a client holding the current mentee; the last update to one a version behind; else the whole
+        mentee."""
+        if client.synced_version == self.version:
+            return
+        if client.synced_version == self.version - 1 and self.last_update is not None:
+            self.send_update(client)
+        else:
+            state = shared_state(self.mentee)
+            client.receive_full(state, self.version)
+            self.download_floats += sum(t.numel() for t in state.values())
 
-    def server_round(self, arrived, timer):
+    def collect(self, client):
+        return client.upload(self.energy())
+
+    def server_round(self, uploads, timer):
+        arrived = [self.clients[client_id] for client_id in uploads]
+        uploads = list(uploads.values())
         energy = self.energy()
         self.round_metrics = {"svd_energy": energy}
-        uploads = [client.upload(energy) for client in arrived]
         self.upload_floats += sum(packed_floats(update) for update in uploads)
         if not uploads:
             tqdm.write(f"round {self.round}: no uploads arrived; keeping the mentee")
@@ -87,7 +92,8 @@ class ServerFedKD(Server):
                     t.add_(svd_decompress(self.last_update[name], t.shape))
         self.version += 1
         for client in arrived:
-            self.send_update(client)
+            with self.store.loaded(client):
+                self.send_update(client)
 
     def send_update(self, client):
         client.receive_update(self.last_update, self.version)

@@ -54,12 +54,12 @@ def image_metrics(images):
     return {"image_distance": pairwise, "image_std": float(flat.std(dim=1).mean())}
 
 
-def client_step_metrics(clients, clip):
-    """Over the clients' steps of the last round: the mean pre-clip gradient norm, the share of steps clipped,
-    and the mean (unweighted) transfer loss."""
-    norms = [norm for client in clients for norm in client.grad_norms]
-    transfer = [loss for client in clients for loss in client.transfer_losses]
-    records = [record for client in clients for record in client.gradient_records]
+def client_step_metrics(uploads, clip):
+    """Over the steps of the last round of the clients whose uploads arrived: the mean pre-clip gradient norm, the
+    share of steps clipped, and the mean (unweighted) transfer loss."""
+    norms = [norm for upload in uploads for norm in upload["grad_norms"]]
+    transfer = [loss for upload in uploads for loss in upload["transfer_losses"]]
+    records = [record for upload in uploads for record in upload["gradient_records"]]
     metrics = {"client_grad_norm": math.nan, "clipped_fraction": math.nan,
                "transfer_loss": float(torch.stack(transfer).mean()) if transfer else math.nan,
                "classification_grad_norm": math.nan, "transfer_grad_norm": math.nan, "grad_cosine": math.nan}
@@ -90,6 +90,7 @@ def centroid_shift(previous, latents):
 
 class ServerKTL(Server):
     phases = ("eval", "train", "prototypes", "align", "generate")
+    collect_phase = "prototypes"
 
     @classmethod
     def add_flags(cls, parser):
@@ -211,26 +212,37 @@ class ServerKTL(Server):
         """The transfer weight of a round: the full mu, or raised linearly over --mu_warmup rounds."""
         return linear_warmup(self.mu, round_index, self.args.mu_warmup)
 
-    def send(self, selected):
-        for client in selected:
-            client.margin = self.margin_at(self.round)
-            client.mu = self.mu_at(self.round)
+    def prepare_round(self, selected):
+        self.round_margin = self.margin_at(self.round)
+        self.round_mu = self.mu_at(self.round)
+        self.proj_state = None if self.pair_latents is None else {
+            k: v.clone() for k, v in self.proj.state_dict().items()}
+
+    def send_to(self, client):
+        """The round's margin and mu; then the image-vector pairs, and proj's weights to a client without them
+        (or to every client with -rp)."""
+        client.margin = self.round_margin
+        client.mu = self.round_mu
         if self.pair_latents is None:
             return
-        pair_floats = self.pair_images.numel() + self.pair_latents.numel()
-        proj_state = {k: v.clone() for k, v in self.proj.state_dict().items()}
-        proj_floats = sum(v.numel() for v in proj_state.values())
-        for client in selected:
-            send_proj = self.args.reset_proj or not client.has_proj
-            client.receive(self.pair_images, self.pair_latents, proj_state if send_proj else None)
-            self.download_floats += pair_floats + (proj_floats if send_proj else 0)
+        send_proj = self.args.reset_proj or not client.has_proj
+        client.receive(self.pair_images, self.pair_latents, self.proj_state if send_proj else None)
+        self.download_floats += self.pair_images.numel() + self.pair_latents.numel()
+        if send_proj:
+            self.download_floats += sum(v.numel() for v in self.proj_state.values())
 
-    def server_round(self, arrived, timer):
-        steps = client_step_metrics(arrived, self.args.client_grad_clip)
-        with timer("prototypes"):
-            uploads = [client.prototypes() for client in arrived]
-        prototypes = torch.cat([p for p, _ in uploads]) if uploads else torch.empty(0, self.num_classes)
-        labels = torch.cat([c for _, c in uploads]) if uploads else torch.empty(0, dtype=torch.long)
+    def collect(self, client):
+        """The client's prototypes and labels, and what its steps measured (for the round's metrics)."""
+        prototypes, classes = client.prototypes()
+        return {"prototypes": prototypes, "classes": classes, "grad_norms": client.grad_norms,
+                "transfer_losses": client.transfer_losses, "gradient_records": client.gradient_records}
+
+    def server_round(self, uploads, timer):
+        uploads = list(uploads.values())
+        steps = client_step_metrics(uploads, self.args.client_grad_clip)
+        prototypes = (torch.cat([u["prototypes"] for u in uploads]) if uploads
+                      else torch.empty(0, self.num_classes))
+        labels = torch.cat([u["classes"] for u in uploads]) if uploads else torch.empty(0, dtype=torch.long)
         self.upload_floats += prototypes.numel()
         if len(prototypes) < 2:
             tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")

@@ -38,19 +38,26 @@ class PrototypeServer(Server):
         raise NotImplementedError
 
     def deliver(self, clients):
+        """The current global knowledge to each of `clients` (each loaded for it)."""
         if self.version == 0 or not clients:
             return
         arguments, floats = self.payload()
         for client in clients:
-            client.receive(*arguments)
-            client.knowledge_version = self.version
+            with self.store.loaded(client):
+                client.receive(*arguments)
+                client.knowledge_version = self.version
             self.download_floats += floats
 
-    def send(self, selected):
-        self.deliver([client for client in selected if client.knowledge_version != self.version])
+    def send_to(self, client):
+        if client.knowledge_version != self.version:
+            self.deliver([client])
 
-    def server_round(self, arrived, timer):
-        uploads = [client.class_means() for client in arrived]
+    def collect(self, client):
+        return client.class_means()
+
+    def server_round(self, uploads, timer):
+        arrived = [self.clients[client_id] for client_id in uploads]
+        uploads = list(uploads.values())
         self.upload_floats += sum(self.upload_size(*upload) for upload in uploads)
         self.round_metrics = {name: math.nan for name in self.metric_names}
         if not uploads:
