@@ -63,7 +63,7 @@ def available_memory_bytes():
 
 
 def state_tensors(client):
-    """The distinct parameters and buffers of the client's state modules, as (owner module, attribute name)."""
+    """The distinct parameter and buffer tensors of the client's state modules, in a fixed order."""
     seen, holders = set(), []
     for module in client.state_modules():
         for owner in module.modules():
@@ -93,10 +93,8 @@ def encode(value, tensors, path):
     if isinstance(value, (list, tuple)):
         kind = "list" if isinstance(value, list) else "tuple"
         return {kind: [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]}
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, int):
-        return int(value)
     if isinstance(value, float):
         return {"float": repr(float(value))} if not math.isfinite(value) else float(value)
     raise TypeError(f"cannot store a {type(value).__name__} in a client state file ({path})")
@@ -159,7 +157,7 @@ class DiskStore:
         self.current = {}  # client id -> file holding its latest state
         self.checkpointed = {}  # client id -> file the last checkpoint refers to
         self.shapes = {}  # client id -> (shape, dtype) of each state tensor, to allocate them again
-        self.resident = {}  # client id -> nesting depth of `loaded`
+        self.resident = set()  # ids of the clients inside `loaded` now
         try:
             os.makedirs(folder, exist_ok=True)
             probe = os.path.join(folder, f".probe_{secrets.token_hex(4)}")
@@ -188,21 +186,17 @@ class DiskStore:
     def loaded(self, client, modify=True):
         """The client with its state in memory for the block; written back afterwards when `modify`. A block that
         raises leaves the stored state as it was."""
-        if client.id in self.resident:
-            self.resident[client.id] += 1
-            try:
-                yield client
-            finally:
-                self.resident[client.id] -= 1
+        if client.id in self.resident:  # nested (a reply during the client's turn): the outer block saves
+            yield client
             return
         self.load(client)
-        self.resident[client.id] = 1
+        self.resident.add(client.id)
         try:
             yield client
             if modify:
                 self.save(client)
         finally:
-            del self.resident[client.id]
+            self.resident.discard(client.id)
             self.release(client)
 
     def save(self, client):

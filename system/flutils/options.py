@@ -1,7 +1,7 @@
 """Command-line flags of main.py: the reference library's short names, plus a few of our own.
 
 The general flags live here; each algorithm declares its own in its server class (`add_flags`, `check_flags`),
-collected by `flag_owners`, so `main.py -h` lists them grouped by algorithm."""
+collected by `hook_owners`, so `main.py -h` lists them grouped by algorithm."""
 import argparse
 
 from flcore.algorithms import server_class, server_classes
@@ -106,7 +106,7 @@ def build_parser():
     shared.add_argument("-se", "--server_epochs", type=int, default=100,
                         help="FedKTL, FedGH, FedTGP: server training epochs per round; FedGen: generator steps")
 
-    for owner in flag_owners():
+    for owner in hook_owners("add_flags"):
         owner.add_flags(p)
     return p
 
@@ -134,7 +134,7 @@ def validate(args):
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),
     ]
     raise_first_failed(checks)
-    for owner in flag_owners(server_class(args.algorithm)):
+    for owner in hook_owners("check_flags", server_class(args.algorithm)):
         owner.check_flags(args)
     return args
 
@@ -157,13 +157,14 @@ def flag_or_default(value, default, flag, *, at_least=None, above=None):
     return chosen
 
 
-def flag_owners(*classes):
-    """The server classes that declare flags of their own (`add_flags`/`check_flags` in the class body), parents
-    first, each once: those of `classes`, or of every registered algorithm when none are given."""
+def hook_owners(hook, *classes):
+    """The server classes that define `hook` (add_flags or check_flags) in their own body, parents first, each
+    once: among `classes` and their parents, or every registered algorithm's when none are given. Calling the hook
+    on each runs every class's own declaration once, never a parent's twice through a child that lacks one."""
     owners = []
     for cls in classes or server_classes():
         for klass in reversed(cls.__mro__):
-            if ("add_flags" in vars(klass) or "check_flags" in vars(klass)) and klass not in owners:
+            if hook in vars(klass) and klass not in owners:
                 owners.append(klass)
     return owners
 

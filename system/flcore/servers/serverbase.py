@@ -177,14 +177,8 @@ class Server:
             arrived = kept
         return arrived
 
-    def evaluate(self, stats=None):
-        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss), measured
-        now when `stats` is None."""
-        if stats is None:
-            stats = []
-            for client in self.clients:
-                with self.store.loaded(client, modify=False):
-                    stats.append((*client.test_metrics(), client.last_train_loss))
+    def evaluate(self, stats):
+        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss)."""
         correct = np.array([s[0] for s in stats], dtype=np.float64)
         counts = np.array([s[1] for s in stats], dtype=np.float64)
         aucs = np.array([s[2] for s in stats], dtype=np.float64)
@@ -334,7 +328,10 @@ class Server:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.store.restore(self.clients, state["clients"])
+        clients = state["clients"]
+        if isinstance(clients, list):  # a checkpoint written before the client-state stores: the states themselves
+            clients = {"store": MemoryStore.kind, "states": clients}
+        self.store.restore(self.clients, clients)
         self.load_extra_state(state["extra"])
 
     def save_checkpoint(self):

@@ -94,22 +94,24 @@ class ServerKTL(Server):
 
     @classmethod
     def add_flags(cls, parser):
-        group = parser.add_argument_group("FedKTL (every generator)",
-                                          "-lam, -slr default to the generator's values from the paper; -se: alignment epochs")
+        group = parser.add_argument_group(
+            "FedKTL (every generator)",
+            "-lam, -slr default to the generator's values from the paper; -se: alignment epochs")
         group.add_argument("-mu", "--mu", type=float, default=None,
                            help="weight of the knowledge-transfer task; default: the generator's value")
         group.add_argument("-sbs", "--server_batch_size", type=int, default=100)
         group.add_argument("-GPath", "--generator_path", default="",
-                           help="generator pickle ({'G_ema': G}), DCGAN checkpoint ({'netG_state_dict': ...}) or diffusers "
-                                "folder; empty: the generator chosen by -gen")
+                           help="generator pickle ({'G_ema': G}), DCGAN checkpoint ({'netG_state_dict': ...}) or "
+                                "diffusers folder; empty: the generator chosen by -gen")
         bool_flag(group, "-lrs", "--latent_rescale", True,
-                  "Gaussian-prior generators (DCGAN, Stable Diffusion): move each class centroid to the prior's typical "
-                  "norm before rendering it and sending it as q (0: render the class mean as it is, the paper)")
+                  "Gaussian-prior generators (DCGAN, Stable Diffusion): move each class centroid to the prior's "
+                  "typical norm before rendering it and sending it as q (0: render the class mean as it is, the paper)")
         group.add_argument("--kt_norm", default="keep", choices=["update", "keep", "aux"],
                            help="BatchNorm in the client's forward of generated images: 'update' lets them update the "
                                 "running statistics (the original code), 'keep' normalizes them with their batch "
                                 "statistics but leaves the running ones alone, 'aux' gives them their own BatchNorm "
-                                "affine parameters and statistics (auxiliary BN); no effect on models without BatchNorm")
+                                "affine parameters and statistics (auxiliary BN); no effect on models without "
+                                "BatchNorm")
         group.add_argument("-gbs", "--gen_batch_size", type=int, default=4)
         group.add_argument("--image_every", type=int, default=1,
                            help="save the generated image grid every this many rounds (0: never)")
@@ -118,8 +120,8 @@ class ServerKTL(Server):
         ablation.add_argument("-margin", "--margin", type=float, default=0.5,
                               help="angular margin m of the ETF loss (0: no margin)")
         ablation.add_argument("--margin_warmup", type=int, default=0,
-                              help="raise the margin linearly from 0 to -margin over this many rounds (0: full from the "
-                                   "start, the paper)")
+                              help="raise the margin linearly from 0 to -margin over this many rounds (0: full from "
+                                   "the start, the paper)")
         ablation.add_argument("--client_grad_clip", type=float, default=100.0,
                               help="FedKTL clients: gradient-norm clip (the paper's code: 100; 0: none)")
         bool_flag(ablation, "-ft", "--feature_transformer", True,
@@ -129,7 +131,8 @@ class ServerKTL(Server):
                   "reset the centroids to class means of F(P) before and after alignment (the original: no effect)")
         bool_flag(ablation, "-rp", "--reset_proj", False,
                   "re-initialize each client's proj from the server's copy every round (the original's behaviour)")
-        transfer = parser.add_argument_group("FedKTL knowledge-transfer task (defaults: the paper; see the README's ablations)")
+        transfer = parser.add_argument_group(
+            "FedKTL knowledge-transfer task (defaults: the paper; see the README's ablations)")
         transfer.add_argument("--kt_pairs_per_class", type=int, default=1,
                               help="image-vector pairs rendered per class each round: the centroid and N - 1 latents "
                                    "around it (1: the centroid only, the paper)")
@@ -140,7 +143,8 @@ class ServerKTL(Server):
                   "proj reads L2-normalized features of the generated images, so the task cannot pull on the feature "
                   "norm (0: raw features, the paper)")
         transfer.add_argument("--mu_warmup", type=int, default=0,
-                              help="raise mu linearly from 0 over this many rounds (0: full mu from the start, the paper)")
+                              help="raise mu linearly from 0 over this many rounds (0: full mu from the start, the "
+                                   "paper)")
         bool_flag(transfer, "-kbg", "--kt_base_grad", True,
                   "the transfer loss trains the feature extractor (0: only proj learns it; a diagnostic of how much of "
                   "the task proj absorbs)")
@@ -151,7 +155,8 @@ class ServerKTL(Server):
     @classmethod
     def check_flags(cls, args):
         raise_first_failed([
-            (args.server_batch_size >= 2, f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
+            (args.server_batch_size >= 2,
+             f"-sbs must be >= 2 (BatchNorm needs 2 samples), got {args.server_batch_size}"),
             (args.gen_batch_size >= 1, f"-gbs must be >= 1, got {args.gen_batch_size}"),
             (args.margin >= 0, f"--margin must be >= 0, got {args.margin}"),
             (args.margin_warmup >= 0, f"--margin_warmup must be >= 0, got {args.margin_warmup}"),

@@ -107,7 +107,8 @@ class ServerKTLStableDiffusion(ServerKTL):
         group.add_argument("--sd_resolution", type=int, default=0,
                            help="Stable Diffusion: image side in pixels, a multiple of 8 (0: the model's own, 512 for "
                                 "v1.5); lower is faster and shrinks the latent")
-        bool_flag(group, "-sdas", "--sd_attention_slicing", False, "Stable Diffusion: attention slicing (less GPU memory)")
+        bool_flag(group, "-sdas", "--sd_attention_slicing", False,
+                  "Stable Diffusion: attention slicing (less GPU memory)")
         bool_flag(group, "-sdvt", "--sd_vae_tiling", False, "Stable Diffusion: tiled VAE decoding (less GPU memory)")
 
     @classmethod

@@ -57,7 +57,8 @@ class ServerKTLStyleGAN3(ServerKTL):
         group = parser.add_argument_group("FedKTL-stylegan-3, FedKTL-stylegan-xl")
         group.add_argument("-gen", "--generator", default="face-dcgan", choices=["face-dcgan", "untrained"],
                            help="FedKTL-stylegan-* without -GPath: the pre-trained face DCGAN of gan-face-generate "
-                                "(falls back to untrained when it is not installed) or the untrained built-in generator")
+                                "(falls back to untrained when it is not installed) or the untrained built-in "
+                                "generator")
 
     def build_generator(self):
         path = self.args.generator_path

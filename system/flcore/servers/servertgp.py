@@ -56,7 +56,8 @@ class ServerFedTGP(PrototypeServer):
 
     @classmethod
     def add_flags(cls, parser):
-        group = parser.add_argument_group("FedTGP", "-lam defaults to 10, -slr to -lr; trains on the server for -se epochs in batches of -lbs")
+        group = parser.add_argument_group(
+            "FedTGP", "-lam defaults to 10, -slr to -lr; trains on the server for -se epochs in batches of -lbs")
         group.add_argument("-mart", "--margin_threshold", type=float, default=100.0,
                            help="FedTGP: upper bound of the adaptive margin (the reference library)")
 
