@@ -1,5 +1,6 @@
 """Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
 import json
+import math
 import os
 
 import pytest
@@ -102,6 +103,59 @@ def error_line(capsys):
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
         return lines[0]
     return run
+
+
+@pytest.fixture(scope="session")
+def assert_same_state():
+    """assert_same_state(actual, expected, where="state"): tensors bit for bit and of the same dtype, dicts with
+    the same keys in the same order, lists and tuples of the same type and length, entry by entry, anything else
+    equal (NaN equals NaN)."""
+    def same(actual, expected, where="state"):
+        if isinstance(expected, torch.Tensor):
+            assert actual.dtype == expected.dtype and torch.equal(actual.cpu(), expected.cpu()), where
+        elif isinstance(expected, dict):
+            assert list(actual) == list(expected), where
+            for key in expected:
+                same(actual[key], expected[key], f"{where}[{key!r}]")
+        elif isinstance(expected, (list, tuple)):
+            assert type(actual) is type(expected) and len(actual) == len(expected), where
+            for i, (a, e) in enumerate(zip(actual, expected)):
+                same(a, e, f"{where}[{i}]")
+        elif isinstance(expected, float) and math.isnan(expected):
+            assert math.isnan(actual), where
+        else:
+            assert actual == expected, where
+    return same
+
+
+@pytest.fixture(scope="session")
+def failing_from_call():
+    """failing_from_call(function, n, error): `function` that raises `error` from its n-th call on (a disk that
+    fills up, a process killed mid-write); the earlier calls go through."""
+    def wrap(function, n, error):
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(args)
+            if len(calls) >= n:
+                raise error
+            return function(*args, **kwargs)
+        return failing
+    return wrap
+
+
+@pytest.fixture(scope="session")
+def file_bytes():
+    """file_bytes(folder): {relative path: bytes} of every file under `folder`."""
+    def contents(folder):
+        found = {}
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(parent, name)
+                with open(path, "rb") as file:
+                    found[os.path.relpath(path, folder)] = file.read()
+        return found
+    return contents
 
 
 def write_tokenizer_files(folder):

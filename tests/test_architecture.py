@@ -20,7 +20,7 @@ from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
 from flutils import experiment
 from flutils.errors import UserError
-from flutils.options import build_parser, flag_or_default, flag_owners, parse_args
+from flutils.options import build_parser, flag_or_default, hook_owners, parse_args
 from flutils.paths import REPO_ROOT
 from flutils.results import read_h5
 
@@ -112,7 +112,7 @@ def test_every_builtin_adapter_satisfies_the_protocol():
 
 def test_each_flag_is_declared_once_by_its_owner_and_shown_in_its_algorithms_group():
     owner_of = {}
-    for owner in flag_owners():
+    for owner in hook_owners("add_flags"):
         own = argparse.ArgumentParser(add_help=False)
         owner.add_flags(own)
         for option in own._option_string_actions:

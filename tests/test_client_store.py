@@ -3,7 +3,6 @@ its files read back exactly and execute nothing; a run killed mid-round or by a 
 checkpoint; foreign files and unwritable folders are refused in one line; `auto` picks by the estimated size."""
 import errno
 import glob
-import math
 import os
 import shutil
 
@@ -42,36 +41,34 @@ def checkpoint_client_states(tmp_path, algorithm, goal):
     return [DiskStore.read(os.path.join(clients["folder"], clients["files"][i])) for i in sorted(clients["files"])]
 
 
-def assert_same(actual, expected, where="state"):
-    if isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype and torch.equal(actual.cpu(), expected.cpu()), where
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected), where
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert type(actual) is type(expected) and len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{where}[{i}]")
-    elif isinstance(expected, float) and math.isnan(expected):
-        assert math.isnan(actual), where
-    else:
-        assert actual == expected, where
-
-
 @pytest.mark.parametrize("algorithm", list(ALGORITHM_FLAGS))
-def test_disk_store_gives_the_memory_stores_run_bit_for_bit(small_run, tmp_path, algorithm):
+def test_disk_store_gives_the_memory_stores_run_bit_for_bit(small_run, tmp_path, algorithm, assert_same_state):
     assert run(small_run, tmp_path, algorithm, "memory", "mem")[0] == 0
     assert run(small_run, tmp_path, algorithm, "disk", "disk")[0] == 0
     memory = read_h5(str(tmp_path / "results" / f"Digits_{algorithm}_mem_0.h5"))
     disk = read_h5(str(tmp_path / "results" / f"Digits_{algorithm}_disk_0.h5"))
     for key in CURVES:
         assert np.array_equal(memory[key], disk[key], equal_nan=True), key
-    assert_same(checkpoint_client_states(tmp_path, algorithm, "disk"),
+    assert_same_state(checkpoint_client_states(tmp_path, algorithm, "disk"),
                 checkpoint_client_states(tmp_path, algorithm, "mem"))
     # What stays on disk after the run is exactly what its last checkpoint refers to.
     store_folder = tmp_path / "ckpt_disk" / "client_state" / f"Digits_{algorithm}_disk_0"
     assert len(glob.glob(str(store_folder / "*.safetensors"))) == 4
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_checkpoint_from_before_the_stores_resumes(small_run, tmp_path, store):
+    """Checkpoints written before the stores hold the client states as a plain list; either store resumes them."""
+    _, reference = run(small_run, tmp_path, "FedProto", "memory", "whole")
+    assert run(small_run, tmp_path, "FedProto", "memory", "old", "-gr", "1")[0] == 0
+    path = tmp_path / "ckpt_old" / "Digits_FedProto_old_0.pt"
+    state = torch.load(path, weights_only=True)
+    state["clients"] = state["clients"]["states"]
+    torch.save(state, path)
+    status, resumed = run(small_run, tmp_path, "FedProto", store, "old", "--resume")
+    assert status == 0
+    for key in CURVES:
+        assert np.array_equal(resumed[key], reference[key], equal_nan=True), key
 
 
 def test_without_checkpoints_the_disk_store_leaves_nothing_behind(small_run, tmp_path):
@@ -80,7 +77,7 @@ def test_without_checkpoints_the_disk_store_leaves_nothing_behind(small_run, tmp
     assert not (tmp_path / "results" / "client_state").exists()
 
 
-def test_state_files_round_trip_every_kind_of_value_without_pickle(tmp_path):
+def test_state_files_round_trip_every_kind_of_value_without_pickle(assert_same_state):
     state = {"model": {"w": torch.randn(3, 2), "steps": torch.tensor(7)},
              "optimizer": {"state": {0: {"momentum": torch.ones(2, dtype=torch.float16)}},
                            "param_groups": [{"lr": 0.01, "params": [0, 1], "nesterov": False}]},
@@ -89,7 +86,7 @@ def test_state_files_round_trip_every_kind_of_value_without_pickle(tmp_path):
     tensors = {}
     skeleton = encode(state, tensors, "s")
     restored = decode(skeleton, tensors)
-    assert_same(restored, state)
+    assert_same_state(restored, state)
     with pytest.raises(TypeError, match="cannot store a object"):
         encode({"x": object()}, {}, "s")
 
@@ -105,20 +102,13 @@ class Killed(Exception):
     pass
 
 
-def test_a_run_killed_mid_round_resumes_from_its_checkpoint(small_run, tmp_path, monkeypatch):
+def test_a_run_killed_mid_round_resumes_from_its_checkpoint(small_run, tmp_path, monkeypatch, failing_from_call):
     """Killed while writing a client's state in round 1 (other clients' files already rewritten), the resumed
     run equals an uninterrupted one: the files of the last checkpoint were kept."""
     _, reference = run(small_run, tmp_path, "FedKD", "disk", "whole")
     real_save = client_store.save_file
-    writes = []
-
-    def save_then_die(tensors, path, metadata=None):
-        writes.append(path)
-        if len(writes) == 10:  # construction 4, round 0: 3 selected + 1 reply; the second write of round 1
-            raise Killed
-        real_save(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr(client_store, "save_file", save_then_die)
+    # Writes: construction 4, round 0: 3 selected + 1 reply; the 10th is the second write of round 1.
+    monkeypatch.setattr(client_store, "save_file", failing_from_call(real_save, 10, Killed()))
     with pytest.raises(Killed):
         run(small_run, tmp_path, "FedKD", "disk", "split")
     monkeypatch.setattr(client_store, "save_file", real_save)

@@ -31,17 +31,6 @@ def save_reference_file(path, x, y):
         np.savez_compressed(file, data={"x": x, "y": y})
 
 
-def file_bytes(folder):
-    """{relative path: bytes} of every file under ``folder``."""
-    contents = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as file:
-                contents[os.path.relpath(path, folder)] = file.read()
-    return contents
-
-
 def assert_one_line_error(stderr, *fragments):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
@@ -76,7 +65,7 @@ def load(folder):
     return load_federated_dataset(args)
 
 
-def test_without_trust_the_script_refuses_and_changes_nothing(reference, tmp_path):
+def test_without_trust_the_script_refuses_and_changes_nothing(reference, tmp_path, file_bytes):
     before = file_bytes(reference.folder)
     result = subprocess.run([sys.executable, SCRIPT, str(reference.folder)], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
@@ -111,7 +100,7 @@ def test_trusted_conversion_loads_the_same_arrays_and_keeps_the_config(reference
     assert os.listdir(reference.folder.parent) == [NAME]  # the staging folder is gone
 
 
-def test_converted_folder_is_left_alone(reference, capsys):
+def test_converted_folder_is_left_alone(reference, capsys, file_bytes):
     assert fldata.reference.run([str(reference.folder), "--trust"]) == 0
     converted = file_bytes(reference.folder)
     for flags in ([], ["--trust"]):
@@ -120,18 +109,10 @@ def test_converted_folder_is_left_alone(reference, capsys):
         assert file_bytes(reference.folder) == converted
 
 
-def test_failure_midway_leaves_the_original(reference, monkeypatch, capsys):
+def test_failure_midway_leaves_the_original(reference, monkeypatch, capsys, file_bytes, failing_from_call):
     before = file_bytes(reference.folder)
-    real_save = fldata.reference.save_npz
-    calls = []
-
-    def failing_save(path, **arrays):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("disk full")
-        real_save(path, **arrays)
-
-    monkeypatch.setattr(fldata.reference, "save_npz", failing_save)
+    monkeypatch.setattr(fldata.reference, "save_npz",
+                        failing_from_call(fldata.reference.save_npz, 3, OSError("disk full")))
     assert fldata.reference.run([str(reference.folder), "--trust"]) == 2
     assert_one_line_error(capsys.readouterr().err, "disk full")
     assert file_bytes(reference.folder) == before
@@ -155,7 +136,7 @@ def replace_client(split, client, x=None, y=None):
     (replace_client("test", 2, y=lambda y: y + NUM_CLASSES), "num_classes=4"),
     (replace_client("train", 0, y=lambda y: y[:-1]), "expected 6 integer labels"),
 ])
-def test_bad_folders_are_one_line_errors(reference, capsys, damage, fragment):
+def test_bad_folders_are_one_line_errors(reference, capsys, damage, fragment, file_bytes):
     damage(reference)
     before = file_bytes(reference.folder)
     assert fldata.reference.run([str(reference.folder), "--trust"]) == 2

@@ -37,18 +37,7 @@ def read_client(out, split, client):
         return archive["x"], archive["y"]
 
 
-def file_bytes(out):
-    """{relative path: bytes} of every file under ``out``."""
-    contents = {}
-    for folder, _, names in os.walk(out):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as file:
-                contents[os.path.relpath(path, out)] = file.read()
-    return contents
-
-
-def mtimes(out):
+def mtimes(out, file_bytes):
     return {path: os.stat(os.path.join(out, path)).st_mtime_ns for path in file_bytes(out)}
 
 
@@ -115,7 +104,7 @@ def test_archives_hold_plain_arrays(digits_out):
         assert {member.date_time for member in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
 
 
-def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
+def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path, file_bytes):
     flags = ("--num-clients", "4", "--partition", "pat", "--seed", "7")
     assert generate(DIGITS, tmp_path / "a", *flags) == 0
     assert generate(DIGITS, tmp_path / "b", *flags) == 0
@@ -125,14 +114,14 @@ def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
     assert file_bytes(tmp_path / "c")["train/0.npz"] != first["train/0.npz"]
 
 
-def test_identical_rerun_is_skipped_and_changed_params_regenerate(tmp_path, capsys):
+def test_identical_rerun_is_skipped_and_changed_params_regenerate(tmp_path, capsys, file_bytes):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
-    before, contents = mtimes(out), file_bytes(out)
+    before, contents = mtimes(out, file_bytes), file_bytes(out)
     capsys.readouterr()
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     assert "up to date" in capsys.readouterr().out
-    assert mtimes(out) == before
+    assert mtimes(out, file_bytes) == before
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid", "--balance", "1") == 0
     assert "wrote 4 clients" in capsys.readouterr().out
     config = read_config(out)
@@ -150,26 +139,19 @@ def test_missing_client_file_regenerates(tmp_path):
     assert (out / "test" / "3.npz").is_file()
 
 
-def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, error_line):
+def test_failed_generation_leaves_the_dataset_untouched(tmp_path, monkeypatch, error_line, file_bytes,
+                                                         failing_from_call):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)
-    real_save = fldata.dataset_io.save_npz
-    calls = []
-
-    def failing_save(path, **arrays):
-        calls.append(path)
-        if len(calls) == 3:
-            raise OSError("disk full")
-        real_save(path, **arrays)
-
-    monkeypatch.setattr(fldata.dataset_io, "save_npz", failing_save)
+    monkeypatch.setattr(fldata.dataset_io, "save_npz",
+                        failing_from_call(fldata.dataset_io.save_npz, 3, OSError("disk full")))
     assert "disk full" in error_line(generate, DIGITS, out, "--num-clients", "4", "--partition", "iid", "--seed", "2")
     assert file_bytes(out) == before
     assert sorted(os.listdir(tmp_path)) == ["Digits"]  # the staging folder is gone
 
 
-def test_failed_partition_leaves_the_dataset_untouched(tmp_path, error_line):
+def test_failed_partition_leaves_the_dataset_untouched(tmp_path, error_line, file_bytes):
     out = tmp_path / "Digits"
     assert generate(DIGITS, out, "--num-clients", "4", "--partition", "iid") == 0
     before = file_bytes(out)

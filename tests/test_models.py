@@ -81,7 +81,8 @@ def test_cnn4_flatten_size_follows_input_size():
 
 def test_feature_pool_adds_no_parameters():
     def base_parameters(feature_dim):
-        return sum(p.numel() for p in build_model("tiny_mobilenet", NUM_CLASSES, feature_dim=feature_dim).base.parameters())
+        model = build_model("tiny_mobilenet", NUM_CLASSES, feature_dim=feature_dim)
+        return sum(p.numel() for p in model.base.parameters())
 
     assert base_parameters(100) == base_parameters(256) == base_parameters(1024)
 

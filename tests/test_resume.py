@@ -1,7 +1,5 @@
 """Checkpoints and --resume: for every algorithm, a run killed after a round and resumed equals the uninterrupted
 run; other flags are refused; a checkpoint write is atomic; a finished run extends to more rounds."""
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -38,24 +36,6 @@ class Killed(Exception):
     pass
 
 
-def assert_same_state(actual, expected, where):
-    """Tensors bit for bit, containers entry by entry, anything else equal (NaN equals NaN)."""
-    if isinstance(expected, torch.Tensor):
-        assert torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_same_state(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same_state(a, e, f"{where}[{i}]")
-    elif isinstance(expected, float) and math.isnan(expected):
-        assert math.isnan(actual), where
-    else:
-        assert actual == expected, where
-
-
 def without_wall_clock(state):
     """A server's state_dict() without what a second run cannot reproduce: its round and phase timings."""
     values = {key: v for key, v in state["history"]["values"].items() if key != WALL_CLOCK}
@@ -64,7 +44,8 @@ def without_wall_clock(state):
 
 @pytest.mark.parametrize("algorithm", one_name_per_server())
 def test_a_run_killed_after_a_round_and_resumed_equals_an_uninterrupted_run(small_run, server_from_argv, tmp_path,
-                                                                           monkeypatch, request, algorithm):
+                                                                           monkeypatch, request, algorithm,
+                                                                           assert_same_state):
     flags = SMALL_FLAGS.get(algorithm, [])
     if algorithm == "FedKTL-stable-diffusion":
         flags = [*flags, "-GPath", request.getfixturevalue("tiny_sd_pipeline")]
