@@ -35,7 +35,7 @@ def train_rounds(server, rounds):
 def test_mu_zero_gives_the_same_models_as_no_generated_data(make_server, monkeypatch):
     with_pairs = make_server(*FAST_KTL, "-mu", "0")
     without_pairs = make_server(*FAST_KTL, "-mu", "0")
-    monkeypatch.setattr(without_pairs, "send_to", lambda client: None)
+    monkeypatch.setattr(without_pairs, "payload_for", lambda client_id: None)
     train_rounds(with_pairs, 2)
     train_rounds(without_pairs, 2)
     assert with_pairs.clients[0].pair_latents is not None and without_pairs.clients[0].pair_latents is None

@@ -61,7 +61,9 @@ def test_readme_new_algorithm_recipe_runs_resumes_and_lists_its_flag(registered,
     assert experiment.main(whole) == 0
     results = tmp_path / "results"
     reference = read_h5(str(results / "Digits_Mine_whole_0.h5"))
-    assert reference["upload_floats"].tolist() == [0, 0, 0]  # the recipe does not count floats; rounds did run
+    # Counted by the loop from the payloads: 4 heads of 64 x 10 + 10 up every round, down once there is one.
+    assert reference["upload_floats"].tolist() == [4 * 650] * 3
+    assert reference["download_floats"].tolist() == [0, 4 * 650, 4 * 650]
     assert len(reference["rs_test_acc"]) == 4
 
     # Interrupted after round 1, then resumed: the same curve as the uninterrupted run.
@@ -196,7 +198,7 @@ def test_load_cache_loads_once_per_key_and_keeps_one_entry_per_kind():
 def test_every_algorithm_builds_its_clients_through_the_one_hook():
     for cls in algorithms.server_classes():
         assert not hasattr(cls, "make_client") and not hasattr(cls, "client_class"), cls.__name__
-        assert cls.__name__ == "ServerLocal" or cls.new_client is not Server.new_client, cls.__name__
+        assert cls.__name__ == "ServerLocal" or cls.new_client.__func__ is not Server.new_client.__func__, cls.__name__
 
 
 def test_the_packages_import_without_any_path_setup(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flcore.clients.clientbase import ClientSetup
 from flcore.trainmodel import build_model
 from flutils import experiment
 from flutils.data import load_federated_dataset
@@ -83,8 +84,10 @@ def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(mak
 def test_head_sharing_refuses_heads_of_another_shape(make_server):
     server = make_server("LG-FedAvg", *FEW_SHOTS)
     other = build_model("tiny_cnn", K, FEATURE_DIM * 2, 3, 32)
-    with pytest.raises(UserError, match="heads match"):
-        server.check_head(1, other)
+    setup = ClientSetup(client_id=1, model=other, data=server.dataset.clients[1], seed=0, device=torch.device("cpu"),
+                        num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01)
+    with pytest.raises(UserError, match="client 1's tiny_cnn head differs from client 0's .* heads match"):
+        server.new_client(setup, server.spec)
 
 
 @pytest.mark.parametrize("lam", ["0", "1"])
@@ -98,7 +101,7 @@ def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_b
 
     for c in server.clients:
         c.train()
-    uploads = [c.class_logits() for c in server.clients]
+    uploads = [(u.tensors["logits"], u.tensors["classes"]) for u in (c.upload() for c in server.clients)]
     server.exchange(server.clients, round_timer(server))
     for row, cls in zip(server.global_logits, server.global_classes.tolist()):
         rows = [logits[(classes == cls).nonzero().item()] for logits, classes in uploads if cls in classes]
@@ -204,7 +207,7 @@ def test_fedgen_generator_learns_from_the_heads(make_server, round_timer):
         with torch.no_grad():
             return F.cross_entropy(head(server.feature_generator.eval().sample(labels, noise)), labels).item()
 
-    server.receive_heads([server.collect(client) for client in server.clients])
+    server.average_heads([client.upload() for client in server.clients])
     before = global_head_loss()
     server.exchange(server.clients, round_timer(server))
     assert global_head_loss() < before

@@ -10,6 +10,7 @@ from flcore.clients.clientbase import ClientSetup
 from flcore.clients.clientkd import shared_state
 from flcore.clients.clientproto import ClientFedProto
 from flcore.clients.clienttgp import ClientFedTGP
+from flcore.exchange import Payload, unflatten
 from flcore.servers.servertgp import adaptive_margin
 from flcore.svd import kept_rank, packed_floats, svd_compress, svd_decompress
 from flcore.trainmodel import BaseHeadSplit
@@ -91,9 +92,11 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     matrices = [(t.shape[0], t[0].numel()) for t in state.values() if t.dim() >= 2]
     rank_one = sum(m + n + 1 for m, n in matrices)
     vectors = sum(t.numel() for t in state.values() if t.dim() < 2)
-    upload = server.clients[0].upload(0.95)
-    assert all(packed["s"].numel() == 1 for packed in upload.values() if "s" in packed)
-    assert packed_floats(upload) == rank_one + vectors
+    assert server.clients[0].energy == 0.95, "the first round's energy came with the mentee"
+    upload = server.clients[0].upload()
+    packed_upload = unflatten(upload.tensors, "delta")
+    assert all(packed["s"].numel() == 1 for packed in packed_upload.values() if "s" in packed)
+    assert packed_floats(packed_upload) == upload.floats() == rank_one + vectors
 
     server.download_floats = 0
     server.exchange(server.clients, round_timer(server))
@@ -102,7 +105,7 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     assert all(packed["s"].numel() == 4 for packed in server.last_update.values() if "s" in packed)
     assert server.download_floats == CLIENTS * (4 * rank_one + vectors)
     for client in server.clients:
-        assert client.synced_version == server.version == 1
+        assert server.synced_versions[client.id] == server.version == 1
         for name, t in shared_state(client.mentee).items():
             torch.testing.assert_close(t, state[name])
 
@@ -111,12 +114,12 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
-    assert server.download_floats == packed_floats(server.last_update) and straggler.synced_version == 2
+    assert server.download_floats == packed_floats(server.last_update) and server.synced_versions[0] == 2
     server.exchange(others, round_timer(server))
     server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
-    assert server.download_floats == 156810 and straggler.synced_version == 4
+    assert server.download_floats == 156810 and server.synced_versions[0] == 4
 
 
 def orthonormal(rows, cols, generator):
@@ -157,6 +160,12 @@ ALL = torch.ones(3, dtype=torch.bool)
 NO_CLASS_1 = torch.tensor([True, False, True])
 
 
+def knowledge(prototypes, present):
+    """The server's payload of global prototypes: the rows of the classes that have one."""
+    classes = torch.nonzero(present).squeeze(1)
+    return Payload({"prototypes": prototypes[classes], "classes": classes})
+
+
 def identity_client(cls=ClientFedProto, lamda=1.0):
     """A 3-class client whose features are its 2-D inputs and whose head always says class 2."""
     head = nn.Linear(2, 3)
@@ -172,13 +181,13 @@ def identity_client(cls=ClientFedProto, lamda=1.0):
 def test_fedproto_predicts_the_nearest_global_prototype(small_run):
     client = identity_client()
     assert client.test_metrics()[:2] == (1, 4), "the head until global prototypes arrive"
-    client.receive(PROTOTYPES, ALL)
+    client.receive(knowledge(PROTOTYPES, ALL))
     scores = client.scores(POINTS)
     torch.testing.assert_close(scores[0], -torch.tensor([2.0, 82.0, 82.0]).sqrt())
     assert scores.argmax(1).tolist() == [0, 1, 2, 1]
     correct, total, auc = client.test_metrics()
     assert (correct, total) == (4, 4) and auc == pytest.approx(1.0)
-    client.receive(PROTOTYPES, NO_CLASS_1)
+    client.receive(knowledge(PROTOTYPES, NO_CLASS_1))
     assert client.scores(POINTS).argmax(1).tolist() == [0, 0, 2, 0], "a class without a prototype is never chosen"
     assert np.isfinite(client.test_metrics()[2])
 
@@ -189,24 +198,24 @@ def test_prototype_term_is_lamda_times_mse_and_vanishes_at_zero(small_run, cls):
     ce = F.cross_entropy(weighted.model(POINTS), LABELS).item()
     assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce), "no term before prototypes"
     for client in (unweighted, weighted):
-        client.receive(PROTOTYPES, ALL)
+        client.receive(knowledge(PROTOTYPES, ALL))
     assert unweighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce)
     # Squared distances to the label's prototype: 2, 2, 5, 32 over 4 samples x 2 dimensions.
     assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce + 2 * 41 / 8)
-    weighted.receive(PROTOTYPES, NO_CLASS_1)
+    weighted.receive(knowledge(PROTOTYPES, NO_CLASS_1))
     assert weighted.training_loss(POINTS, LABELS).item() == pytest.approx(ce + 2 * 7 / 8)
 
 
 def test_fedproto_averages_prototypes_weighted_by_sample_counts(make_server):
     server = make_server("FedProto")
     means = torch.stack([torch.full((D,), v) for v in (1.0, 5.0, 2.0)])
-    server.aggregate(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
+    server.update_knowledge(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
     assert torch.equal(server.present.nonzero().squeeze(1), torch.tensor([2, 7]))
     torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # (1*1 + 3*5) / 4
-    server.aggregate(torch.full((1, D), 6.0), torch.tensor([7]), torch.tensor([2.0]))
+    server.update_knowledge(torch.full((1, D), 6.0), torch.tensor([7]), torch.tensor([2.0]))
     torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # kept: nobody sent class 2
     torch.testing.assert_close(server.global_prototypes[7], torch.full((D,), 6.0))
-    assert server.payload()[1] == 2 * D
+    assert server.knowledge().floats() == 2 * D, "the rows of the classes that have a prototype"
 
 
 def test_fedtgp_adaptive_margin():
@@ -224,7 +233,7 @@ def test_fedtgp_server_training_separates_the_classes(make_server):
     centers = 3 * torch.randn(3, D, generator=generator)
     classes = torch.tensor([1, 4, 8]).repeat_interleave(4)
     rows = centers.repeat_interleave(4, 0) + 0.3 * torch.randn(12, D, generator=generator)
-    server.aggregate(rows, classes, torch.ones(12))
+    server.update_knowledge(rows, classes, None)
     assert server.global_prototypes.shape == (K, D)
     nearest = torch.cdist(rows, server.global_prototypes).argmin(1)
     assert torch.equal(nearest, classes)
@@ -232,7 +241,7 @@ def test_fedtgp_server_training_separates_the_classes(make_server):
 
 def test_fedgh_clients_take_the_global_head(make_server, round_timer):
     server = make_server("FedGH", "-se", "5")
-    uploaded = sum(len(client.class_means()[1]) for client in server.clients)
+    uploaded = sum(len(client.upload().tensors["classes"]) for client in server.clients)
     server.exchange(server.clients, round_timer(server))
     assert server.upload_floats == uploaded * D
     assert server.download_floats == CLIENTS * (D * K + K)
@@ -249,7 +258,7 @@ def test_fedgh_refuses_a_non_linear_head(make_server):
     model = BaseHeadSplit(nn.Identity(), nn.Sequential(nn.Linear(D, 8), nn.Linear(8, K)), D, K, "odd")
     with pytest.raises(UserError, match="linear heads"):
         server.new_client(ClientSetup(client_id=0, model=model, data=server.dataset.clients[0], seed=0, device=CPU,
-                                      num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01))
+                                      num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01), server.spec)
 
 
 @pytest.mark.parametrize("flags,fragment", [(("-Ts", "0.99", "-Te", "0.9"), "-Ts"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from flcore.exchange import TurnReply
 from flutils import experiment
 from flutils.paths import REPO_ROOT
 
@@ -59,14 +60,14 @@ def test_join_ratio_and_random_join_ratio(make_server):
 
 def test_client_drop_rate_loses_uploads(make_server):
     server = make_server("Local", "-cdr", "0.5")
-    arrived = server.arrived_uploads(server.clients, {c.id: 0.0 for c in server.clients})
-    assert len(arrived) == 2 and set(arrived) <= set(server.clients)
+    arrived = server.arrived_uploads({c.id: TurnReply() for c in server.clients})
+    assert len(arrived) == 2 and set(arrived) <= {0, 1, 2, 3}
 
 
 def test_time_select_drops_clients_over_the_threshold(make_server):
     server = make_server("Local", "-ts", "1", "-tth", "1.0")
     seconds = {0: 0.5, 1: 2.0, 2: 0.1, 3: 5.0}
-    assert [c.id for c in server.arrived_uploads(server.clients, seconds)] == [0, 2]
+    assert server.arrived_uploads({i: TurnReply(train_seconds=s) for i, s in seconds.items()}) == [0, 2]
 
 
 def test_slow_clients_train_fewer_epochs(make_server):

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from flcore.exchange import Payload, derive_seed
 from flcore.per_class import add_per_class
+from flcore.trainmodel import build_family_model
 
 EVAL_BATCH = 256
 
@@ -52,11 +54,28 @@ class ClientSetup:
     train_slow: bool = False
 
 
+def client_setup(args, data, client_id, run, device, image_shape, train_slow=False):
+    """The ClientSetup of client `client_id` in run `run` of main.py's flags `args`: its model is built from its
+    own seed, so this process and a Flower node build the same one."""
+    seed = derive_seed(args.seed, run, client_id)
+    torch.manual_seed(seed)
+    channels, height, _ = image_shape
+    model = build_family_model(args.model_family, client_id, args.num_classes, args.feature_dim, channels, height)
+    return ClientSetup(
+        client_id=client_id, model=model, data=data, seed=seed, device=device, num_classes=args.num_classes,
+        batch_size=args.batch_size, local_epochs=args.local_epochs, learning_rate=args.local_learning_rate,
+        train_slow=train_slow,
+        learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
+
+
 class Client:
+    """A client of no algorithm (`Local`): trains and evaluates its own model. An algorithm's client adds what it
+    receives (`receive`) and uploads (`upload`): payloads are its only contact with the server."""
     grad_clip = None
 
     def __init__(self, setup: ClientSetup):
         self.id = setup.client_id
+        self.seed = setup.seed
         self.device = setup.device
         self.model = setup.model.to(setup.device)
         self.num_classes = setup.num_classes
@@ -73,6 +92,13 @@ class Client:
         self.last_train_loss = float("nan")
         self.batches_last_round = 0
         self.grad_norms = []  # pre-clip gradient norms of the last round's steps (clipping clients only)
+
+    def receive(self, payload):
+        """Takes what the server sent (flcore/exchange.py: Payload)."""
+
+    def upload(self):
+        """What the client sends the server after training."""
+        return Payload()
 
     @property
     def num_train(self):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import Client
+from flcore.exchange import Payload
 from flcore.per_class import add_per_class
 
 
@@ -23,9 +24,9 @@ class ClientDistill(Client):
         self.logit_sums = torch.zeros(self.num_classes, self.num_classes, device=self.device)
         self.logit_counts = torch.zeros(self.num_classes, device=self.device)
 
-    def receive_logits(self, logits, classes):
+    def receive(self, payload):
         """The server's average logits [C, K] of the classes it has seen."""
-        classes = classes.to(self.device)
+        logits, classes = payload.tensors["logits"], payload.tensors["classes"].to(self.device)
         self.teacher = torch.zeros(self.num_classes, self.num_classes, device=self.device)
         self.teacher[classes] = logits.to(self.device)
         self.teacher_known = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
@@ -45,7 +46,8 @@ class ClientDistill(Client):
             loss = loss + self.lamda * logit_distillation_loss(logits, y, self.teacher, self.teacher_known)
         return loss
 
-    def class_logits(self):
-        """(average logits [C_i, K], classes [C_i]) over the classes this client trained on this round."""
+    def upload(self):
+        """Its average logits [C_i, K] over the classes it trained on this round, and those classes [C_i]."""
         classes = torch.nonzero(self.logit_counts > 0).squeeze(1)
-        return self.logit_sums[classes] / self.logit_counts[classes].unsqueeze(1), classes
+        return Payload({"logits": self.logit_sums[classes] / self.logit_counts[classes].unsqueeze(1),
+                        "classes": classes})

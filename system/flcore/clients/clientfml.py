@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import Client, distillation_kl
-from flcore.parameters import load_parameters
+from flcore.exchange import Payload, flatten, unflatten
+from flcore.parameters import load_parameters, parameters_of
 
 # The reference library clips each model's gradient norm to 10 to keep mutual learning from diverging.
 GRAD_CLIP = 10.0
@@ -30,8 +31,13 @@ class ClientFML(Client):
         self.beta = beta
         self.optimizer.add_param_group({"params": list(self.meme.parameters())})
 
-    def receive_meme(self, parameters):
-        load_parameters(self.meme, parameters)
+    def receive(self, payload):
+        """The server's average meme parameters."""
+        load_parameters(self.meme, unflatten(payload.tensors, "meme"))
+
+    def upload(self):
+        """The meme's parameters, weighted by its training samples in the server's average."""
+        return Payload(flatten(parameters_of(self.meme), "meme"), {"samples": self.num_train})
 
     def train(self):
         self.meme.train()

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.clients.clientlg import ClientLG
+from flcore.exchange import unflatten
 
 
 class FeatureGenerator(nn.Module):
@@ -36,10 +37,20 @@ class ClientFedGen(ClientLG):
                                                   feature_dim).to(self.device).eval()
         self.label_prior = None
 
-    def receive_generator(self, state, label_prior):
-        """The server's generator (parameters and BatchNorm statistics) and label distribution [K]."""
-        self.feature_generator.load_state_dict(state)
-        self.label_prior = label_prior.cpu()
+    def receive(self, payload):
+        """The global head; once the server has trained it, its generator (parameters and BatchNorm statistics)
+        and the label distribution [K]."""
+        super().receive(payload)
+        generator_state = unflatten(payload.tensors, "generator")
+        if generator_state is not None:
+            self.feature_generator.load_state_dict(generator_state)
+            self.label_prior = payload.tensors["label_prior"].cpu()
+
+    def upload(self):
+        """Its head and its label counts [K]."""
+        payload = super().upload()
+        payload.tensors["label_counts"] = self.label_counts
+        return payload
 
     def training_loss(self, x, y):
         loss = F.cross_entropy(self.model(x), y)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flcore.clients.clientbase import Client, distillation_kl
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.svd import svd_compress, svd_decompress
 
 
@@ -29,15 +30,15 @@ def mutual_distillation_loss(logits, features, mentee_logits, mentee_features, l
 class ClientFedKD(Client):
     grad_clip = 10.0  # the reference clips at 10 (per model; here jointly) against divergence of the distillation
 
-    def __init__(self, setup, mentee, feature_dim, mentee_learning_rate):
+    def __init__(self, setup, mentee, feature_dim, mentee_learning_rate, energy):
         super().__init__(setup)
         self.mentee = copy.deepcopy(mentee).to(self.device)
         self.hidden_map = nn.Linear(feature_dim, feature_dim, bias=False).to(self.device)
         self.optimizer.add_param_group({"params": list(self.hidden_map.parameters())})
         self.optimizer.add_param_group({"params": list(self.mentee.parameters()), "lr": mentee_learning_rate})
-        # The mentee as last synchronized with the server, and the server's version of it (None: never).
+        # The mentee as last synchronized with the server (None: never), and the SVD energy its upload keeps.
         self.synced_state = None
-        self.synced_version = None
+        self.energy = energy
 
     def training_loss(self, x, y):
         features = self.model.base(x)
@@ -49,22 +50,26 @@ class ClientFedKD(Client):
         self.mentee.train()
         super().train()
 
-    def receive_full(self, state, version):
+    def receive(self, payload):
+        """The round's energy; the whole mentee (its floating-point state), or the server's compressed aggregate
+        update, applied to the mentee as last synchronized; or neither when the client holds the current mentee."""
+        self.energy = payload.config["energy"]
+        full, update = unflatten(payload.tensors, "full"), unflatten(payload.tensors, "update")
+        if update is not None:
+            full = {name: base + svd_decompress(update[name], base.shape).to(self.device)
+                    for name, base in self.synced_state.items()}
+        if full is not None:
+            self.synchronize(full)
+
+    def synchronize(self, state):
         # Only the floating-point state travels; integer buffers (BatchNorm counters) stay local.
         self.mentee.load_state_dict(state, strict=False)
         self.synced_state = {name: t.detach().clone() for name, t in shared_state(self.mentee).items()}
-        self.synced_version = version
 
-    def receive_update(self, update, version):
-        """The server's compressed aggregate update, applied to the mentee as last synchronized."""
-        state = {name: base + svd_decompress(update[name], base.shape).to(self.device)
-                 for name, base in self.synced_state.items()}
-        self.receive_full(state, version)
-
-    def upload(self, energy):
-        """The mentee's change since the last synchronization, compressed keeping `energy`."""
-        return {name: svd_compress(t - self.synced_state[name], energy)
-                for name, t in shared_state(self.mentee).items()}
+    def upload(self):
+        """The mentee's change since the last synchronization, compressed keeping the round's energy."""
+        return Payload(flatten({name: svd_compress(t - self.synced_state[name], self.energy)
+                                for name, t in shared_state(self.mentee).items()}, "delta"))
 
     def state_modules(self):
         return [self.model, self.mentee, self.hidden_map]
@@ -72,7 +77,7 @@ class ClientFedKD(Client):
     def state_dict(self):
         state = super().state_dict()
         state.update(mentee=self.mentee.state_dict(), hidden_map=self.hidden_map.state_dict(),
-                     synced_state=self.synced_state, synced_version=self.synced_version)
+                     synced_state=self.synced_state, energy=self.energy)
         return state
 
     def load_state_dict(self, state):
@@ -81,4 +86,4 @@ class ClientFedKD(Client):
         self.hidden_map.load_state_dict(state["hidden_map"])
         self.synced_state = (None if state["synced_state"] is None
                              else {name: t.to(self.device) for name, t in state["synced_state"].items()})
-        self.synced_version = state["synced_version"]
+        self.energy = state["energy"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from flcore.batchnorm import AuxiliaryBatchNorm, running_stats_untouched
 from flcore.clients.clientbase import Client
+from flcore.exchange import Payload, unflatten
 from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
 
 SCALE = 64.0
@@ -45,7 +46,6 @@ class ClientKTL(Client):
         self.aux_norm = AuxiliaryBatchNorm(self.model.base) if self.kt_norm == "aux" else None
         if self.aux_norm is not None and len(self.aux_norm.affine):
             self.optimizer.add_param_group({"params": list(self.aux_norm.affine)})
-        self.has_proj = False
         self.pair_images = None
         self.pair_latents = None
         self.pair_order = torch.empty(0, dtype=torch.long)
@@ -55,13 +55,17 @@ class ClientKTL(Client):
         self.transfer_losses = []  # the unweighted transfer MSE of the last round's steps
         self.gradient_records = []  # with --kt_diagnostics: (classification norm, transfer norm, cosine) per step
 
-    def receive(self, images, latents, proj_state):
-        """The server's K image-vector pairs for this round, and proj's weights when it sends them."""
-        self.pair_images = images.to(self.device)
-        self.pair_latents = latents.to(self.device)
+    def receive(self, payload):
+        """The round's margin and mu; the server's image-vector pairs once it has them, and proj's weights when it
+        sends them."""
+        self.margin = payload.config["margin"]
+        self.mu = payload.config["mu"]
+        if "pair_latents" in payload.tensors:
+            self.pair_images = payload.tensors["pair_images"].to(self.device)
+            self.pair_latents = payload.tensors["pair_latents"].to(self.device)
+        proj_state = unflatten(payload.tensors, "proj")
         if proj_state is not None:
             self.proj.load_state_dict(proj_state)
-            self.has_proj = True
 
     def next_pairs(self):
         """A batch of pairs of the client's batch size, cycling through the K pairs in shuffled order."""
@@ -134,12 +138,23 @@ class ClientKTL(Client):
         classes = torch.nonzero(counts).squeeze(1)
         return F.normalize(sums[classes], dim=1), classes
 
+    def upload(self):
+        """Its prototypes and their classes, and what its steps measured (for the server's round metrics)."""
+        prototypes, classes = self.prototypes()
+
+        def values(measured):
+            return torch.stack(measured).flatten().tolist() if measured else []
+
+        return Payload({"prototypes": prototypes, "classes": classes},
+                       metrics={"grad_norms": values(self.grad_norms), "transfer_losses": values(self.transfer_losses),
+                                "gradient_records": values(self.gradient_records)})
+
     def state_modules(self):
         return [self.model, self.proj] + ([self.aux_norm] if self.aux_norm is not None else [])
 
     def state_dict(self):
         state = super().state_dict()
-        state.update(proj=self.proj.state_dict(), has_proj=self.has_proj, pair_order=self.pair_order)
+        state.update(proj=self.proj.state_dict(), pair_order=self.pair_order)
         if self.aux_norm is not None:
             state["aux_norm"] = self.aux_norm.state_dict()
         return state
@@ -147,7 +162,6 @@ class ClientKTL(Client):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.proj.load_state_dict(state["proj"])
-        self.has_proj = state["has_proj"]
         self.pair_order = state["pair_order"]
         if self.aux_norm is not None:
             self.aux_norm.load_state_dict(state["aux_norm"])

@@ -5,31 +5,23 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import Client
+from flcore.exchange import Payload
 
 
 class PrototypeClient(Client):
-    """A client that uploads per-class mean features and holds the server's global knowledge of some version."""
+    """A client that uploads per-class mean features (FedProto, FedGH, FedTGP)."""
+    # Whether the upload carries each class's sample count (FedProto weights its average by them).
+    uploads_counts = False
 
-    def __init__(self, setup):
-        super().__init__(setup)
-        # Version of the server's global knowledge this client holds (0: none yet); set by the server.
-        self.knowledge_version = 0
-
-    def class_means(self):
-        """(means [C_i, D], classes [C_i], counts [C_i]): per local class, the mean base output over the
-        training data, in eval mode, and the number of samples behind it."""
+    def upload(self):
+        """means [C_i, D], classes [C_i] (and counts [C_i]): per local class, the mean base output over the
+        training data, in eval mode (and the number of samples behind it)."""
         sums, counts = self.class_sums(self.model.base)
         classes = torch.nonzero(counts).squeeze(1)
-        return sums[classes] / counts[classes, None], classes, counts[classes]
-
-    def state_dict(self):
-        state = super().state_dict()
-        state["knowledge_version"] = self.knowledge_version
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.knowledge_version = state["knowledge_version"]
+        tensors = {"means": sums[classes] / counts[classes, None], "classes": classes}
+        if self.uploads_counts:
+            tensors["counts"] = counts[classes]
+        return Payload(tensors)
 
 
 def prototype_pull(features, labels, prototypes, present):
@@ -48,16 +40,22 @@ def nearest_prototype_scores(features, prototypes, present):
 
 
 class ClientFedProto(PrototypeClient):
+    uploads_counts = True
+
     def __init__(self, setup, lamda):
         super().__init__(setup)
         self.lamda = lamda
-        self.global_prototypes = None
-        self.present = None
+        self.global_prototypes = None  # [K, D]; zero rows for classes without one
+        self.present = None  # [K] bool: which classes have a global prototype
 
-    def receive(self, prototypes, present):
-        """Global prototypes [K, D] and which classes have one [K] (bool)."""
-        self.global_prototypes = prototypes.to(self.device)
-        self.present = present.to(self.device)
+    def receive(self, payload):
+        """Global prototypes [C, D] of the classes [C] that have one."""
+        classes = payload.tensors["classes"].to(self.device)
+        rows = payload.tensors["prototypes"].to(self.device)
+        self.global_prototypes = torch.zeros(self.num_classes, rows.shape[1], dtype=rows.dtype, device=self.device)
+        self.global_prototypes[classes] = rows
+        self.present = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        self.present[classes] = True
 
     def training_loss(self, x, y):
         features = self.model.base(x)
@@ -80,4 +78,5 @@ class ClientFedProto(PrototypeClient):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if state["global_prototypes"] is not None:
-            self.receive(state["global_prototypes"], state["present"])
+            self.global_prototypes = state["global_prototypes"].to(self.device)
+            self.present = state["present"].to(self.device)

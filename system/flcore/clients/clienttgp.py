@@ -5,4 +5,4 @@ from flcore.clients.clientproto import ClientFedProto
 
 
 class ClientFedTGP(ClientFedProto):
-    pass
+    uploads_counts = False  # FedTGP trains on the means; it does not weight them

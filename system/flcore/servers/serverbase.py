@@ -17,9 +17,9 @@ from flcore.client_store import (
     available_memory_bytes,
     state_bytes,
 )
-from flcore.clients.clientbase import Client, ClientSetup
+from flcore.clients.clientbase import Client, client_setup
+from flcore.exchange import Payload, TurnRequest, derive_seed, take_turn
 from flcore.load_cache import LoadCache
-from flcore.trainmodel import build_family_model
 from flutils.errors import UserError
 from flutils.results import History, run_name
 
@@ -33,17 +33,17 @@ SLOW_TRAIN_DELAY = 0.1
 SLOW_SEND_DELAY = 0.1
 
 
-def derive_seed(*keys):
-    """Independent 63-bit seeds for (base seed, run) and (base seed, run, client)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
 class PhaseTimer:
     """Wall-clock seconds per named phase within one round (CUDA work is synchronized before reading)."""
 
     def __init__(self, names, device):
         self.seconds = {name: 0.0 for name in names}
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def add(self, seconds):
+        """Seconds per phase measured elsewhere (a client's turn)."""
+        for name, value in seconds.items():
+            self.seconds[name] += value
 
     @contextmanager
     def __call__(self, name):
@@ -57,16 +57,18 @@ class PhaseTimer:
 
 
 class Server:
-    """One run of an algorithm. A subclass says what its clients are (`new_client`), what the server sends each
-    selected client (`send_to`), what it takes from each after training (`collect`) and does with what arrived
-    (`server_round`), which state it checkpoints, and which flags it owns (`add_flags`, `check_flags`: read by
-    flutils/options.py, so `main.py -h` lists them in the algorithm's group). Clients are touched only inside
-    `self.store.loaded(client)`, so their state may wait on disk between turns (flcore/client_store.py)."""
+    """One run of an algorithm. A subclass says how its clients are built (`client_spec`, `new_client`), what the
+    server sends a selected client (`payload_for`), what it does with the uploads that arrived (`aggregate`, whose
+    replies reach each client at its next turn), which state it checkpoints, and which flags it owns (`add_flags`,
+    `check_flags`: read by flutils/options.py, so `main.py -h` lists them in the algorithm's group). The server
+    never touches a client: everything travels as payloads (flcore/exchange.py), so the clients may live in this
+    process (`run_turns` here; their state in memory or on disk, flcore/client_store.py) or on Flower nodes
+    (system/flower/)."""
     phases = ("eval", "train")
-    # The phase that times `collect` (FedKTL: "prototypes").
-    collect_phase = "train"
+    # The phase that times a client's upload (FedKTL: "prototypes").
+    upload_phase = "train"
 
-    def __init__(self, args, dataset, run, device, cache=None):
+    def __init__(self, args, dataset, run, device, cache=None, in_process=True):
         self.args = args
         self.dataset = dataset
         self.run = run
@@ -83,24 +85,26 @@ class Server:
         self.upload_floats = 0
         self.download_floats = 0
         self.round_metrics = {}
+        # Replies of `aggregate` not yet delivered: {client id: [payload, ...]}, sent with the client's next turn.
+        self.pending = {}
         self.prepare()
+        self.spec = self.client_spec()
 
-        slow_train = self.pick_clients(args.train_slow_rate)
+        self.slow_train = self.pick_clients(args.train_slow_rate)
         self.send_slow = self.pick_clients(args.send_slow_rate)
+        if in_process:
+            self.build_clients()
+
+    def build_clients(self):
+        """This process's clients, one per partition, in memory or on disk as --client_state says."""
+        args = self.args
         self.clients = []
         self.store = self.open_store() if args.client_state == "disk" else MemoryStore()
         state_sizes = []
         for i in range(self.num_clients):
-            client_seed = derive_seed(args.seed, run, i)
-            torch.manual_seed(client_seed)
-            channels, height, _ = dataset.image_shape
-            model = build_family_model(args.model_family, i, args.num_classes, args.feature_dim, channels, height)
-            setup = ClientSetup(
-                client_id=i, model=model, data=dataset.clients[i], seed=client_seed, device=device,
-                num_classes=args.num_classes, batch_size=args.batch_size, local_epochs=args.local_epochs,
-                learning_rate=args.local_learning_rate, train_slow=i in slow_train,
-                learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
-            client = self.new_client(setup)
+            setup = client_setup(args, self.dataset.clients[i], i, self.run, self.device, self.dataset.image_shape,
+                                 train_slow=i in self.slow_train)
+            client = self.new_client(setup, self.spec)
             state_sizes.append(state_bytes(client))
             self.clients.append(client)
             self.store.add(client)
@@ -145,35 +149,51 @@ class Server:
     def prepare(self):
         """Algorithm-specific set-up that the clients depend on; runs before they are built."""
 
-    def new_client(self, setup):
-        """The client of this algorithm built from `setup` (plus what the algorithm gives it)."""
+    def client_spec(self):
+        """What every client of this run is built from besides its ClientSetup (shared initial weights, settings
+        the server resolved): a Payload, so a Flower node builds the same client as this process. Not counted."""
+        return Payload()
+
+    @classmethod
+    def new_client(cls, setup, spec):
+        """The client of this algorithm built from `setup` and the server's `client_spec()`; raises UserError when
+        the client's model cannot take part (the message names the client and the fix)."""
         return Client(setup)
+
+    def reference_model(self, client_id):
+        """A copy of client `client_id`'s initial model, built the way its node builds it, without touching the
+        run's random streams (for servers that check or mirror the clients' architectures)."""
+        with torch.random.fork_rng(devices=[]):
+            return client_setup(self.args, None, client_id, self.run, torch.device("cpu"),
+                                self.dataset.image_shape).model
 
     def pick_clients(self, rate):
         return set(self.rng.choice(self.num_clients, int(rate * self.num_clients), replace=False).tolist())
 
     def select_clients(self):
+        """The ids of this round's clients."""
         count = max(1, int(self.args.join_ratio * self.num_clients))
         if self.args.random_join_ratio:
             count = int(self.rng.integers(count, self.num_clients + 1))
-        return [self.clients[i] for i in self.rng.choice(self.num_clients, count, replace=False)]
+        return [int(i) for i in self.rng.choice(self.num_clients, count, replace=False)]
 
-    def arrived_uploads(self, trained, train_seconds):
-        """The trained clients whose uploads reach the server: drops, then (with -ts) the time threshold."""
-        arrived = trained
+    def arrived_uploads(self, trained):
+        """The ids of the trained clients ({id: TurnReply}) whose uploads reach the server: drops, then (with -ts)
+        the time threshold."""
+        arrived = list(trained)
         if self.args.client_drop_rate > 0:
-            keep = max(1, int((1 - self.args.client_drop_rate) * len(trained)))
-            arrived = [trained[i] for i in sorted(self.rng.choice(len(trained), keep, replace=False))]
+            keep = max(1, int((1 - self.args.client_drop_rate) * len(arrived)))
+            arrived = [arrived[i] for i in sorted(self.rng.choice(len(arrived), keep, replace=False))]
         if self.args.time_select:
             kept = []
-            for client in arrived:
-                cost = train_seconds[client.id]
-                if client.train_slow:
-                    cost += SLOW_TRAIN_DELAY * float(self.rng.random(client.batches_last_round).sum())
-                if client.id in self.send_slow:
+            for client_id in arrived:
+                cost = trained[client_id].train_seconds
+                if client_id in self.slow_train:
+                    cost += SLOW_TRAIN_DELAY * float(self.rng.random(trained[client_id].batches).sum())
+                if client_id in self.send_slow:
                     cost += SLOW_SEND_DELAY * float(self.rng.random())
                 if cost <= self.args.time_threshold:
-                    kept.append(client)
+                    kept.append(client_id)
             arrived = kept
         return arrived
 
@@ -194,33 +214,73 @@ class Server:
                    f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}")
 
     def prepare_round(self, selected):
-        """What the server computes once per round before sending (no client is touched here)."""
+        """What the server computes once per round, from the selected ids, before sending."""
 
-    def send_to(self, client):
-        """What the server sends one selected client before its evaluation and training; `Local` sends nothing."""
-
-    def collect(self, client):
-        """What the server takes from a client after its training (its upload); `Local` takes nothing."""
+    def payload_for(self, client_id):
+        """What the server sends a selected client before its evaluation and training (None: nothing; `Local`)."""
         return None
 
-    def server_round(self, uploads, timer):
-        """What the server does with the uploads that arrived ({client id: collect's value}, in arrival order);
-        `Local` has nothing to do."""
+    def aggregate(self, uploads, timer):
+        """What the server does with the uploads that arrived ({client id: Payload}, in arrival order); returns
+        the replies to send ({client id: Payload}; delivered with each client's next turn, counted now)."""
+        return {}
+
+    def forget(self, client_id):
+        """A client's turn failed (a Flower node down): whatever the server believed it holds may be lost, so the
+        next payload to it must not build on it."""
+
+    def round_requests(self, selected, evaluating, train_in_turn):
+        """The turns of one round: the selected clients (sent their payloads, evaluated when `evaluating`, trained
+        when `train_in_turn`), then, when evaluating, every other client with the replies waiting for it."""
+        requests = {}
+        for client_id in selected:
+            payloads = self.pending.pop(client_id, [])
+            payload = self.payload_for(client_id)
+            if payload is not None:
+                self.download_floats += payload.floats()
+                payloads.append(payload)
+            requests[client_id] = TurnRequest(self.round, payloads, evaluating, train_in_turn)
+        if evaluating:
+            for client_id in range(self.num_clients):
+                if client_id not in requests:
+                    requests[client_id] = TurnRequest(self.round, self.pending.pop(client_id, []), True, False)
+        return requests
+
+    def run_turns(self, requests):
+        """The turns of `requests` ({client id: TurnRequest}) in order, one client resident at a time; returns
+        {client id: TurnReply}. A turn touches only its client's own state, so the order does not change results;
+        Flower's engine runs them on the nodes instead (system/flower/)."""
+        replies = {}
+        for client_id, request in tqdm(requests.items(), desc="clients", unit="client", leave=False):
+            client = self.clients[client_id]
+            with self.store.loaded(client, modify=bool(request.payloads) or request.train):
+                replies[client_id] = take_turn(client, request, self.upload_phase)
+        return replies
+
+    def receive_uploads(self, uploads, timer):
+        """Counts the arrived uploads, aggregates them and queues the replies (counted as they are made)."""
+        self.upload_floats += sum(upload.floats() for upload in uploads.values())
+        for client_id, reply in self.aggregate(uploads, timer).items():
+            self.download_floats += reply.floats()
+            self.pending.setdefault(client_id, []).append(reply)
 
     def send(self, selected):
-        """The round's sending to `selected`, outside the round loop (tools, tests)."""
-        self.prepare_round(selected)
-        for client in selected:
-            with self.store.loaded(client):
-                self.send_to(client)
+        """The round's sending to the clients `selected`, outside the round loop (tools, tests)."""
+        self.prepare_round([client.id for client in selected])
+        requests = self.round_requests([client.id for client in selected], evaluating=False, train_in_turn=False)
+        self.run_turns(requests)
 
     def exchange(self, arrived, timer):
-        """Collects the uploads of `arrived` and runs the server's round on them, outside the round loop."""
+        """The uploads of the clients `arrived` (trained already), aggregated, and the replies delivered at once,
+        outside the round loop (tools, tests)."""
         uploads = {}
         for client in arrived:
             with self.store.loaded(client):
-                uploads[client.id] = self.collect(client)
-        self.server_round(uploads, timer)
+                uploads[client.id] = client.upload()
+        self.receive_uploads(uploads, timer)
+        waiting = {client.id: TurnRequest(self.round, self.pending.pop(client.id), False, False)
+                   for client in arrived if client.id in self.pending}
+        self.run_turns(waiting)
 
     def train(self):
         """Run the remaining rounds; returns the history. As in the reference library, round r selects clients
@@ -242,33 +302,20 @@ class Server:
             evaluating = r % self.args.eval_gap == 0 or last
             # Training may share a client's turn with its evaluation unless the evaluation can end the run.
             train_in_turn = not (last or self.args.auto_break)
-            chosen = {client.id for client in selected}
-            stats, train_seconds, uploads = {}, {}, {}
-            # Each client's turn: what the server sends, its evaluation (before any training, as in the reference
-            # library), then its training. A turn touches only the client's own state and no shared random
-            # stream but training's, so one client at a time in the selection order gives the same results as
-            # sending to all, evaluating all, then training all.
-            others = [client for client in self.clients if client.id not in chosen] if evaluating else []
-            for client in tqdm(selected + others, desc="clients", unit="client", leave=False):
-                with self.store.loaded(client, modify=client.id in chosen):
-                    if client.id in chosen:
-                        self.send_to(client)
-                    if evaluating:
-                        with timer("eval"):
-                            stats[client.id] = (*client.test_metrics(), client.last_train_loss)
-                    if train_in_turn and client.id in chosen:
-                        self.train_client(client, timer, train_seconds, uploads)
+            replies = self.run_turns(self.round_requests(selected, evaluating, train_in_turn))
+            for reply in replies.values():
+                timer.add(reply.seconds)
             if evaluating:
-                self.evaluate([stats[client.id] for client in self.clients])
+                self.evaluate([replies[client_id].stats for client_id in sorted(replies) if replies[client_id].stats])
                 if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
                     break
             if not train_in_turn:
-                for client in selected:
-                    with self.store.loaded(client):
-                        self.train_client(client, timer, train_seconds, uploads)
-            trained = [self.clients[i] for i in train_seconds]
-            arrived = self.arrived_uploads(trained, train_seconds)
-            self.server_round({client.id: uploads[client.id] for client in arrived}, timer)
+                replies = self.run_turns({client_id: TurnRequest(r, [], False, True) for client_id in selected})
+                for reply in replies.values():
+                    timer.add(reply.seconds)
+            trained = {client_id: reply for client_id, reply in replies.items() if reply.upload is not None}
+            arrived = self.arrived_uploads(trained)
+            self.receive_uploads({client_id: trained[client_id].upload for client_id in arrived}, timer)
             self.history.record_round(time.perf_counter() - start, timer.seconds,
                                       self.upload_floats, self.download_floats, self.round_metrics)
             self.round = r + 1
@@ -277,17 +324,11 @@ class Server:
         times = self.history.values["round_time"]
         tqdm.write(f"run {self.run}: best test accuracy {best_acc:.4f} at round {best_round}; "
                    f"{np.mean(times) if times else float('nan'):.2f} s per round")
-        self.store.close()
+        self.close()
         return self.history
 
-    def train_client(self, client, timer, train_seconds, uploads):
-        """One selected client's local training and upload, recorded by client id."""
-        with timer("train"):
-            start = time.perf_counter()
-            client.train()
-            train_seconds[client.id] = time.perf_counter() - start
-        with timer(self.collect_phase):
-            uploads[client.id] = self.collect(client)
+    def close(self):
+        self.store.close()
 
     def extra_state(self):
         """Algorithm-specific server state to checkpoint."""
@@ -313,6 +354,8 @@ class Server:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "clients": self.store.checkpoint_state(self.clients),
+            "pending": {client_id: [payload.to_dict() for payload in payloads]
+                        for client_id, payloads in self.pending.items()},
             "extra": self.extra_state(),
         }
 
@@ -332,6 +375,8 @@ class Server:
         if isinstance(clients, list):  # a checkpoint written before the client-state stores: the states themselves
             clients = {"store": MemoryStore.kind, "states": clients}
         self.store.restore(self.clients, clients)
+        self.pending = {client_id: [Payload.from_dict(payload) for payload in payloads]
+                        for client_id, payloads in state.get("pending", {}).items()}
         self.load_extra_state(state["extra"])
 
     def save_checkpoint(self):

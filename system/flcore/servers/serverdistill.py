@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientdistill import ClientDistill
+from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
 from flutils.options import flag_or_default
@@ -22,28 +23,27 @@ class ServerFedDistill(Server):
         self.global_classes = None
         tqdm.write(f"FedDistill: lambda {self.lamda}")
 
-    def new_client(self, setup):
-        return ClientDistill(setup, lamda=self.lamda)
+    def client_spec(self):
+        return Payload(config={"lamda": self.lamda})
 
-    def send_to(self, client):
+    @classmethod
+    def new_client(cls, setup, spec):
+        return ClientDistill(setup, lamda=spec.config["lamda"])
+
+    def payload_for(self, client_id):
         if self.global_logits is None:
-            return
-        client.receive_logits(self.global_logits, self.global_classes)
-        self.download_floats += self.global_logits.numel()
+            return None
+        return Payload({"logits": self.global_logits, "classes": self.global_classes})
 
-    def collect(self, client):
-        return client.class_logits()
-
-    def server_round(self, uploads, timer):
+    def aggregate(self, uploads, timer):
         uploads = list(uploads.values())
-        self.upload_floats += sum(logits.numel() for logits, _ in uploads)
-        if not uploads:
-            return
-        logits = torch.cat([logits for logits, _ in uploads]).to(self.device)
-        classes = torch.cat([classes for _, classes in uploads]).to(self.device)
-        means, counts = per_class_means(logits, classes, self.num_classes)
-        self.global_classes = torch.nonzero(counts > 0).squeeze(1)
-        self.global_logits = means[self.global_classes]
+        if uploads:
+            logits = torch.cat([upload.tensors["logits"] for upload in uploads]).to(self.device)
+            classes = torch.cat([upload.tensors["classes"] for upload in uploads]).to(self.device)
+            means, counts = per_class_means(logits, classes, self.num_classes)
+            self.global_classes = torch.nonzero(counts > 0).squeeze(1)
+            self.global_logits = means[self.global_classes]
+        return {}
 
     def extra_state(self):
         return {"global_logits": self.global_logits, "global_classes": self.global_classes}

@@ -4,11 +4,10 @@ HtFE2/4/8 and HtM10, which the reference library uses); the server averages the 
 by training samples) and sends the average back. Clients are evaluated with their private models.
 
 Per round: upload = (meme parameters) per arrived client; download = (meme parameters) per selected client."""
-import copy
-
 from tqdm import tqdm
 
 from flcore.clients.clientfml import ClientFML
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
 from flcore.trainmodel import build_model
@@ -44,21 +43,28 @@ class ServerFML(Server):
         tqdm.write(f"FML: shared model {name} ({float_count(self.global_meme)} parameters), "
                    f"alpha {self.args.alpha}, beta {self.args.beta}")
 
-    def new_client(self, setup):
-        return ClientFML(setup, meme=copy.deepcopy(self.meme_template), alpha=self.args.alpha, beta=self.args.beta)
+    def client_spec(self):
+        """The meme model's architecture and its one initial state (parameters and buffers), alpha and beta."""
+        channels, height, _ = self.dataset.image_shape
+        return Payload(flatten(self.meme_template.state_dict(), "meme"),
+                       {"fml_model": self.args.fml_model, "feature_dim": self.args.feature_dim, "channels": channels,
+                        "height": height, "alpha": self.args.alpha, "beta": self.args.beta})
 
-    def send_to(self, client):
-        client.receive_meme(self.global_meme)
-        self.download_floats += float_count(self.global_meme)
+    @classmethod
+    def new_client(cls, setup, spec):
+        c = spec.config
+        meme = build_model(c["fml_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"])
+        meme.load_state_dict(unflatten(spec.tensors, "meme"))
+        return ClientFML(setup, meme=meme, alpha=c["alpha"], beta=c["beta"])
 
-    def collect(self, client):
-        return parameters_of(client.meme), client.num_train
+    def payload_for(self, client_id):
+        return Payload(flatten(self.global_meme, "meme"))
 
-    def server_round(self, uploads, timer):
-        memes = [meme for meme, _ in uploads.values()]
-        self.upload_floats += sum(float_count(meme) for meme in memes)
-        if memes:
-            self.global_meme = weighted_average(memes, [samples for _, samples in uploads.values()])
+    def aggregate(self, uploads, timer):
+        if uploads:
+            memes = [unflatten(upload.tensors, "meme") for upload in uploads.values()]
+            self.global_meme = weighted_average(memes, [upload.config["samples"] for upload in uploads.values()])
+        return {}
 
     def extra_state(self):
         return {"global_meme": self.global_meme}

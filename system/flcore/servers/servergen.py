@@ -15,8 +15,8 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
-from flcore.parameters import float_count
-from flcore.servers.serverlg import ServerLG
+from flcore.exchange import flatten
+from flcore.servers.serverlg import ServerLG, check_head
 from flutils.options import raise_first_failed
 
 
@@ -49,37 +49,41 @@ class ServerFedGen(ServerLG):
         tqdm.write(f"FedGen: noise dim {args.noise_dim}, hidden dim {args.hidden_dim}, generator lr "
                    f"{args.generator_learning_rate}, {args.server_epochs} generator steps per round")
 
-    def new_client(self, setup):
-        self.check_head(setup.client_id, setup.model)
-        return ClientFedGen(setup, noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim,
-                            feature_dim=self.args.feature_dim)
+    def client_spec(self):
+        spec = super().client_spec()
+        spec.config.update(noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim,
+                           feature_dim=self.args.feature_dim)
+        return spec
+
+    @classmethod
+    def new_client(cls, setup, spec):
+        check_head(spec.config["algorithm"], setup, spec)
+        return ClientFedGen(setup, noise_dim=spec.config["noise_dim"], hidden_dim=spec.config["hidden_dim"],
+                            feature_dim=spec.config["feature_dim"])
 
     def prepare_round(self, selected):
         self.generator_state = None if self.label_prior is None else {
             k: v.clone() for k, v in self.feature_generator.state_dict().items()}
 
-    def send_to(self, client):
-        super().send_to(client)
-        if self.label_prior is None:
-            return
-        client.receive_generator(self.generator_state, self.label_prior)
-        self.download_floats += float_count(self.generator_state) + self.label_prior.numel()
+    def payload_for(self, client_id):
+        """The global head, then the generator (parameters and BatchNorm statistics) and the label distribution."""
+        payload = super().payload_for(client_id)
+        if self.label_prior is not None:
+            payload.tensors.update(flatten(self.generator_state, "generator"), label_prior=self.label_prior)
+        return payload
 
-    def collect(self, client):
-        return {**super().collect(client), "label_counts": client.label_counts}
-
-    def server_round(self, uploads, timer):
+    def aggregate(self, uploads, timer):
         uploads = list(uploads.values())
-        heads = self.receive_heads(uploads)
-        self.upload_floats += self.num_classes * len(uploads)
+        heads = self.average_heads(uploads)
         if not uploads:
             self.round_metrics = {"generator_loss": math.nan}
-            return
-        counts = torch.stack([upload["label_counts"] for upload in uploads]).sum(0)
+            return {}
+        counts = torch.stack([upload.tensors["label_counts"] for upload in uploads]).sum(0)
         self.label_prior = counts / counts.sum()
         with timer("generator"):
-            loss = self.train_generator(heads, [upload["samples"] for upload in uploads])
+            loss = self.train_generator(heads, [upload.config["samples"] for upload in uploads])
         self.round_metrics = {"generator_loss": loss}
+        return {}
 
     def train_generator(self, heads, samples):
         """-se Adam steps on batches of labels drawn from the label distribution; returns the mean loss."""

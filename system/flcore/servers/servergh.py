@@ -6,6 +6,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientgh import ClientFedGH
+from flcore.exchange import Payload, flatten
 from flcore.server_training import train_on_rows
 from flcore.servers.serverproto import PrototypeServer
 from flutils.errors import UserError
@@ -25,14 +26,19 @@ class ServerFedGH(PrototypeServer):
         self.shuffle_generator = torch.Generator().manual_seed(self.seed)
         tqdm.write(f"FedGH: server lr {self.server_lr}, server epochs {self.args.server_epochs}")
 
-    def new_client(self, setup):
-        shapes = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
-        if {k: tuple(v.shape) for k, v in setup.model.head.state_dict().items()} != shapes:
-            raise UserError(f"FedGH shares one Linear({self.args.feature_dim}, {self.num_classes}) head, but "
+    @classmethod
+    def new_client(cls, setup, spec):
+        head = {k: tuple(v.shape) for k, v in setup.model.head.state_dict().items()}
+        feature_dim = spec.config["feature_dim"]
+        if head != {"weight": (setup.num_classes, feature_dim), "bias": (setup.num_classes,)}:
+            raise UserError(f"FedGH shares one Linear({feature_dim}, {setup.num_classes}) head, but "
                             f"model {setup.model.model_name} has another head; use a family with linear heads only")
         return ClientFedGH(setup)
 
-    def aggregate(self, means, classes, counts):
+    def client_spec(self):
+        return Payload(config={"feature_dim": self.args.feature_dim})
+
+    def update_knowledge(self, means, classes, counts):
         def loss(index):
             return F.cross_entropy(self.head(means[index]), classes[index])
 
@@ -40,9 +46,9 @@ class ServerFedGH(PrototypeServer):
             loss, self.head.parameters(), len(classes), self.args.server_epochs, self.args.batch_size,
             self.server_lr, self.shuffle_generator)}
 
-    def payload(self):
-        state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
-        return (state,), sum(v.numel() for v in state.values())
+    def knowledge(self):
+        """The global head's weights."""
+        return Payload(flatten({k: v.detach().clone() for k, v in self.head.state_dict().items()}, "head"))
 
     def extra_state(self):
         state = super().extra_state()

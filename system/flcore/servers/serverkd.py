@@ -5,8 +5,9 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientkd import ClientFedKD, shared_state
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.servers.serverbase import Server
-from flcore.svd import packed_floats, svd_compress, svd_decompress
+from flcore.svd import svd_compress, svd_decompress
 from flcore.trainmodel import build_model
 from flutils.errors import UserError
 from flutils.options import raise_first_failed
@@ -43,68 +44,81 @@ class ServerFedKD(Server):
         except ValueError as exc:
             raise UserError(f"--mentee_model: {exc}") from None
         self.mentee.to(self.device)
-        # Version of the global mentee: clients one version behind get the last update, others the whole mentee.
+        # Version of the global mentee, and the version each client holds (absent: none): clients one version behind
+        # get the last update, others the whole mentee.
         self.version = 0
+        self.synced_versions = {}
         self.last_update = None
         tqdm.write(f"FedKD: mentee {args.mentee_model}, mentee lr {args.mentee_learning_rate}, "
                    f"energy {args.T_start} -> {args.T_end}")
 
-    def new_client(self, setup):
-        return ClientFedKD(setup, mentee=self.mentee, feature_dim=self.args.feature_dim,
-                           mentee_learning_rate=self.args.mentee_learning_rate)
+    def client_spec(self):
+        """The mentee's architecture and its one initial state, and the first round's energy."""
+        channels, height, _ = self.dataset.image_shape
+        return Payload(flatten(self.mentee.state_dict(), "mentee"),
+                       {"mentee_model": self.args.mentee_model, "feature_dim": self.args.feature_dim,
+                        "channels": channels, "height": height,
+                        "mentee_learning_rate": self.args.mentee_learning_rate, "energy": self.energy()})
+
+    @classmethod
+    def new_client(cls, setup, spec):
+        c = spec.config
+        mentee = build_model(c["mentee_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"])
+        mentee.load_state_dict(unflatten(spec.tensors, "mentee"))
+        return ClientFedKD(setup, mentee=mentee, feature_dim=c["feature_dim"],
+                           mentee_learning_rate=c["mentee_learning_rate"], energy=c["energy"])
 
     def energy(self):
         """T_start + (T_end - T_start) * round / global_rounds."""
         progress = self.round / max(self.args.global_rounds, 1)
         return self.args.T_start + (self.args.T_end - self.args.T_start) * progress
 
-    def send_to(self, client):
-        """Nothing to a client holding the current mentee; the last update to one a version behind; else the whole
-        mentee."""
-        if client.synced_version == self.version:
-            return
-        if client.synced_version == self.version - 1 and self.last_update is not None:
-            self.send_update(client)
+    def payload_for(self, client_id):
+        """The round's energy; with it nothing more to a client holding the current mentee, the last update to one
+        a version behind, else the whole mentee."""
+        payload = Payload(config={"energy": self.energy()})
+        synced = self.synced_versions.get(client_id)
+        if synced == self.version:
+            return payload
+        if synced == self.version - 1 and self.last_update is not None:
+            payload.tensors.update(flatten(self.last_update, "update"))
         else:
-            state = shared_state(self.mentee)
-            client.receive_full(state, self.version)
-            self.download_floats += sum(t.numel() for t in state.values())
+            payload.tensors.update(flatten(shared_state(self.mentee), "full"))
+        self.synced_versions[client_id] = self.version
+        return payload
 
-    def collect(self, client):
-        return client.upload(self.energy())
+    def forget(self, client_id):
+        self.synced_versions.pop(client_id, None)
 
-    def server_round(self, uploads, timer):
-        arrived = [self.clients[client_id] for client_id in uploads]
-        uploads = list(uploads.values())
+    def aggregate(self, uploads, timer):
         energy = self.energy()
         self.round_metrics = {"svd_energy": energy}
-        self.upload_floats += sum(packed_floats(update) for update in uploads)
         if not uploads:
             tqdm.write(f"round {self.round}: no uploads arrived; keeping the mentee")
-            return
+            return {}
+        deltas = [unflatten(upload.tensors, "delta") for upload in uploads.values()]
         with timer("aggregate"):
             state = shared_state(self.mentee)
-            average = {name: torch.stack([svd_decompress(u[name], t.shape).to(self.device) for u in uploads]).mean(0)
+            average = {name: torch.stack([svd_decompress(d[name], t.shape).to(self.device) for d in deltas]).mean(0)
                        for name, t in state.items()}
             self.last_update = {name: svd_compress(delta, energy) for name, delta in average.items()}
             with torch.no_grad():
                 for name, t in state.items():
                     t.add_(svd_decompress(self.last_update[name], t.shape))
         self.version += 1
-        for client in arrived:
-            with self.store.loaded(client):
-                self.send_update(client)
-
-    def send_update(self, client):
-        client.receive_update(self.last_update, self.version)
-        self.download_floats += packed_floats(self.last_update)
+        update = Payload(flatten(self.last_update, "update"), {"energy": energy})
+        for client_id in uploads:
+            self.synced_versions[client_id] = self.version
+        return dict.fromkeys(uploads, update)
 
     def extra_state(self):
-        return {"mentee": self.mentee.state_dict(), "version": self.version, "last_update": self.last_update}
+        return {"mentee": self.mentee.state_dict(), "version": self.version, "last_update": self.last_update,
+                "synced_versions": dict(self.synced_versions)}
 
     def load_extra_state(self, state):
         self.mentee.load_state_dict(state["mentee"])
         self.version = state["version"]
+        self.synced_versions = dict(state["synced_versions"])
         update = state["last_update"]
         self.last_update = None if update is None else {
             name: {part: t.to(self.device) for part, t in packed.items()} for name, packed in update.items()}

@@ -1,5 +1,6 @@
 """FedKTL's Knowledge-Transfer Loop, written once; a generator adapter says how to draw valid latents and
 render them (serverktl_stylegan_3.py, serverktl_stylegan_xl.py)."""
+import dataclasses
 import math
 import os
 
@@ -9,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientktl import ClientKTL, TransferSettings
+from flcore.exchange import Payload, flatten
 from flcore.generators.adapter import GeneratorAdapter
 from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
 from flcore.servers.serverbase import Server
@@ -55,20 +57,20 @@ def image_metrics(images):
 
 
 def client_step_metrics(uploads, clip):
-    """Over the steps of the last round of the clients whose uploads arrived: the mean pre-clip gradient norm, the
-    share of steps clipped, and the mean (unweighted) transfer loss."""
-    norms = [norm for upload in uploads for norm in upload["grad_norms"]]
-    transfer = [loss for upload in uploads for loss in upload["transfer_losses"]]
-    records = [record for upload in uploads for record in upload["gradient_records"]]
+    """Over the steps of the last round of the clients whose uploads arrived (their payloads' metrics): the mean
+    pre-clip gradient norm, the share of steps clipped, and the mean (unweighted) transfer loss."""
+    def steps(name):
+        return torch.tensor([value for upload in uploads for value in upload.metrics[name]], dtype=torch.float32)
+
+    norms, transfer, records = steps("grad_norms"), steps("transfer_losses"), steps("gradient_records")
     metrics = {"client_grad_norm": math.nan, "clipped_fraction": math.nan,
-               "transfer_loss": float(torch.stack(transfer).mean()) if transfer else math.nan,
+               "transfer_loss": float(transfer.mean()) if len(transfer) else math.nan,
                "classification_grad_norm": math.nan, "transfer_grad_norm": math.nan, "grad_cosine": math.nan}
-    if norms:
-        norms = torch.stack(norms).float().cpu()
+    if len(norms):
         metrics.update(client_grad_norm=float(norms.mean()),
                        clipped_fraction=float((norms > clip).float().mean()) if clip else 0.0)
-    if records:
-        classification, transfer, cosine = torch.stack(records).float().cpu().mean(0).tolist()
+    if len(records):
+        classification, transfer, cosine = records.view(-1, 3).mean(0).tolist()
         metrics.update(classification_grad_norm=classification, transfer_grad_norm=transfer, grad_cosine=cosine)
     return metrics
 
@@ -90,7 +92,7 @@ def centroid_shift(previous, latents):
 
 class ServerKTL(Server):
     phases = ("eval", "train", "prototypes", "align", "generate")
-    collect_phase = "prototypes"
+    upload_phase = "prototypes"
 
     @classmethod
     def add_flags(cls, parser):
@@ -188,6 +190,8 @@ class ServerKTL(Server):
         trainable = [p for p in self.transformer.parameters() if p.requires_grad] + [self.centroids]
         self.align_optimizer = torch.optim.Adam(trainable, lr=self.server_lr)
         self.proj = nn.Linear(self.args.feature_dim, latent_dim)
+        # The clients that hold proj's weights (they get them with their first pairs, or every round with -rp).
+        self.proj_holders = set()
         self.pair_images = None
         self.pair_latents = None
         # Drawn from a stream of its own so that measuring leaves the run's random numbers unchanged.
@@ -201,13 +205,18 @@ class ServerKTL(Server):
         with torch.no_grad():
             return self.image_generator.sample_valid(n, self.torch_generator).float().to(self.device)
 
-    def new_client(self, setup):
+    def client_spec(self):
+        """The ETF (unless -etf 0) and the transfer settings, with the latent size and mu of this generator."""
         args = self.args
         transfer = TransferSettings(
             feature_dim=args.feature_dim, latent_dim=self.image_generator.latent_dim, mu=self.mu, margin=args.margin,
             grad_clip=args.client_grad_clip, kt_norm=args.kt_norm, feature_norm=args.kt_feature_norm,
             base_grad=args.kt_base_grad, diagnostics=args.kt_diagnostics)
-        return ClientKTL(setup, self.etf if args.etf else None, transfer)
+        return Payload({"etf": self.etf} if args.etf else {}, dataclasses.asdict(transfer))
+
+    @classmethod
+    def new_client(cls, setup, spec):
+        return ClientKTL(setup, spec.tensors.get("etf"), TransferSettings(**spec.config))
 
     def margin_at(self, round_index):
         """The angular margin of a round: the full -margin, or raised linearly over --margin_warmup rounds."""
@@ -223,36 +232,32 @@ class ServerKTL(Server):
         self.proj_state = None if self.pair_latents is None else {
             k: v.clone() for k, v in self.proj.state_dict().items()}
 
-    def send_to(self, client):
+    def payload_for(self, client_id):
         """The round's margin and mu; then the image-vector pairs, and proj's weights to a client without them
         (or to every client with -rp)."""
-        client.margin = self.round_margin
-        client.mu = self.round_mu
+        payload = Payload(config={"margin": self.round_margin, "mu": self.round_mu})
         if self.pair_latents is None:
-            return
-        send_proj = self.args.reset_proj or not client.has_proj
-        client.receive(self.pair_images, self.pair_latents, self.proj_state if send_proj else None)
-        self.download_floats += self.pair_images.numel() + self.pair_latents.numel()
-        if send_proj:
-            self.download_floats += sum(v.numel() for v in self.proj_state.values())
+            return payload
+        payload.tensors.update(pair_images=self.pair_images, pair_latents=self.pair_latents)
+        if self.args.reset_proj or client_id not in self.proj_holders:
+            payload.tensors.update(flatten(self.proj_state, "proj"))
+            self.proj_holders.add(client_id)
+        return payload
 
-    def collect(self, client):
-        """The client's prototypes and labels, and what its steps measured (for the round's metrics)."""
-        prototypes, classes = client.prototypes()
-        return {"prototypes": prototypes, "classes": classes, "grad_norms": client.grad_norms,
-                "transfer_losses": client.transfer_losses, "gradient_records": client.gradient_records}
+    def forget(self, client_id):
+        self.proj_holders.discard(client_id)
 
-    def server_round(self, uploads, timer):
+    def aggregate(self, uploads, timer):
         uploads = list(uploads.values())
         steps = client_step_metrics(uploads, self.args.client_grad_clip)
-        prototypes = (torch.cat([u["prototypes"] for u in uploads]) if uploads
+        prototypes = (torch.cat([u.tensors["prototypes"] for u in uploads]) if uploads
                       else torch.empty(0, self.num_classes))
-        labels = torch.cat([u["classes"] for u in uploads]) if uploads else torch.empty(0, dtype=torch.long)
-        self.upload_floats += prototypes.numel()
+        labels = (torch.cat([u.tensors["classes"] for u in uploads]) if uploads
+                  else torch.empty(0, dtype=torch.long))
         if len(prototypes) < 2:
             tqdm.write(f"round {self.round}: fewer than 2 prototypes arrived; keeping the previous pairs")
             self.round_metrics = {**dict.fromkeys(ROUND_METRICS, math.nan), **steps}
-            return
+            return {}
         with timer("align"):
             stats = align_domains(self.transformer, self.centroids, prototypes.to(self.device),
                                   labels.to(self.device), self.sample_valid, self.align_optimizer,
@@ -282,6 +287,7 @@ class ServerKTL(Server):
                        f"{m['classification_grad_norm']:.2f}, mu * transfer {m['transfer_grad_norm']:.2f}, "
                        f"cosine {m['grad_cosine']:.3f}")
         self.save_images()
+        return {}
 
     @torch.no_grad()
     def pair_latents_for(self, centroids):
@@ -332,6 +338,7 @@ class ServerKTL(Server):
             "torch_generator": self.torch_generator.get_state(),
             "pair_images": self.pair_images,
             "pair_latents": self.pair_latents,
+            "proj_holders": sorted(self.proj_holders),
         }
 
     def load_extra_state(self, state):
@@ -344,3 +351,4 @@ class ServerKTL(Server):
         self.torch_generator.set_state(state["torch_generator"])
         self.pair_images = None if state["pair_images"] is None else state["pair_images"].to(self.device)
         self.pair_latents = None if state["pair_latents"] is None else state["pair_latents"].to(self.device)
+        self.proj_holders = set(state["proj_holders"])

@@ -4,55 +4,59 @@ the heads, which have the same shape everywhere, are averaged on the server weig
 
 Per round: upload = (head floats) per arrived client; download = (head floats) per selected client, from the
 round after the first aggregation on."""
-import copy
+import json
 
 from flcore.clients.clientlg import ClientLG
-from flcore.parameters import float_count, parameters_of, weighted_average
+from flcore.exchange import Payload, flatten, unflatten
+from flcore.parameters import weighted_average
 from flcore.servers.serverbase import Server
 from flutils.errors import UserError
 
 
-def parameter_shapes(module):
-    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+def head_kind(model):
+    """The head's class and parameter shapes, as text: heads of one kind can share one average."""
+    shapes = {name: list(p.shape) for name, p in model.head.named_parameters()}
+    return json.dumps([type(model.head).__name__, shapes])
+
+
+def check_head(algorithm, setup, spec):
+    """Every head must be of client 0's kind (in spec), so that one average (and one head module) serves all."""
+    if head_kind(setup.model) != spec.config["head_kind"]:
+        raise UserError(f"{algorithm} averages the clients' heads, but client {setup.client_id}'s "
+                        f"{setup.model.model_name} head differs from client 0's {spec.config['head_model']} "
+                        f"head; choose a model family whose heads match (one without ViTs, e.g. HtFE8)")
 
 
 class ServerLG(Server):
     def prepare(self):
         self.global_head = None
+        # Client 0's head: the kind every head must be, and the module the server evaluates heads with (FedGen).
+        reference = self.reference_model(0)
+        self.head_template = reference.head.to(self.device)
+        self.head_spec = {"head_kind": head_kind(reference), "head_model": reference.model_name,
+                          "algorithm": self.args.algorithm}
 
-    def check_head(self, client_id, model):
-        """Every head must be of client 0's kind, so that one average (and one head module) serves all."""
-        if not self.clients:
-            self.head_template = copy.deepcopy(model.head).to(self.device)
-        elif (type(model.head) is not type(self.head_template)
-              or parameter_shapes(model.head) != parameter_shapes(self.head_template)):
-            raise UserError(f"{self.args.algorithm} averages the clients' heads, but client {client_id}'s "
-                            f"{model.model_name} head differs from client 0's {self.clients[0].model.model_name} "
-                            f"head; choose a model family whose heads match (one without ViTs, e.g. HtFE8)")
+    def client_spec(self):
+        return Payload(config=dict(self.head_spec))
 
-    def new_client(self, setup):
-        self.check_head(setup.client_id, setup.model)
+    @classmethod
+    def new_client(cls, setup, spec):
+        check_head(spec.config["algorithm"], setup, spec)
         return ClientLG(setup)
 
-    def send_to(self, client):
-        if self.global_head is None:
-            return
-        client.receive_head(self.global_head)
-        self.download_floats += float_count(self.global_head)
+    def payload_for(self, client_id):
+        return None if self.global_head is None else Payload(flatten(self.global_head, "head"))
 
-    def collect(self, client):
-        return {"head": parameters_of(client.model.head), "samples": client.num_train}
-
-    def receive_heads(self, uploads):
-        """The arrived heads; counts the upload and makes their average the new global head."""
-        heads = [upload["head"] for upload in uploads]
-        self.upload_floats += sum(float_count(head) for head in heads)
+    def average_heads(self, uploads):
+        """The arrived heads (payloads), whose average becomes the new global head."""
+        heads = [unflatten(upload.tensors, "head") for upload in uploads]
         if heads:
-            self.global_head = weighted_average(heads, [upload["samples"] for upload in uploads])
+            self.global_head = weighted_average(heads, [upload.config["samples"] for upload in uploads])
         return heads
 
-    def server_round(self, uploads, timer):
-        self.receive_heads(list(uploads.values()))
+    def aggregate(self, uploads, timer):
+        self.average_heads(list(uploads.values()))
+        return {}
 
     def extra_state(self):
         return {"global_head": self.global_head}

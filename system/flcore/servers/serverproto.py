@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientproto import ClientFedProto
+from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
 from flutils.options import flag_or_default
@@ -16,64 +17,60 @@ FEDPROTO_LAMDA = 10.0
 
 
 class PrototypeServer(Server):
-    """Clients upload (means, classes, counts); the server turns them into global knowledge of a new version
-    and replies with it to the clients whose uploads arrived; a selected client holding an older version gets
-    it at the start of its round. Subclasses define `aggregate`, `payload` and `metric_names`."""
+    """Clients upload per-class mean features (means, classes, and with FedProto the counts); the server turns
+    them into global knowledge of a new version and replies with it to the clients whose uploads arrived; a
+    selected client holding an older version gets it at the start of its round. Subclasses define
+    `update_knowledge`, `knowledge` and `metric_names`."""
     phases = ("eval", "train", "aggregate")
     metric_names = ()
 
     def prepare(self):
         self.version = 0
+        # The knowledge version each client holds (absent: none).
+        self.client_versions = {}
 
-    def upload_size(self, means, classes, counts):
-        """Floats one client uploads: its class means."""
-        return means.numel()
-
-    def aggregate(self, means, classes, counts):
-        """Update the global knowledge from all arrived rows; sets `self.round_metrics`."""
+    def update_knowledge(self, means, classes, counts):
+        """Update the global knowledge from all arrived rows (counts: None unless the clients upload them); sets
+        `self.round_metrics`."""
         raise NotImplementedError
 
-    def payload(self):
-        """(arguments of the clients' `receive`, floats sent per client)."""
+    def knowledge(self):
+        """The current global knowledge, as the clients receive it."""
         raise NotImplementedError
 
-    def deliver(self, clients):
-        """The current global knowledge to each of `clients` (each loaded for it)."""
-        if self.version == 0 or not clients:
-            return
-        arguments, floats = self.payload()
-        for client in clients:
-            with self.store.loaded(client):
-                client.receive(*arguments)
-                client.knowledge_version = self.version
-            self.download_floats += floats
+    def payload_for(self, client_id):
+        if self.version == 0 or self.client_versions.get(client_id) == self.version:
+            return None
+        self.client_versions[client_id] = self.version
+        return self.knowledge()
 
-    def send_to(self, client):
-        if client.knowledge_version != self.version:
-            self.deliver([client])
+    def forget(self, client_id):
+        self.client_versions.pop(client_id, None)
 
-    def collect(self, client):
-        return client.class_means()
-
-    def server_round(self, uploads, timer):
-        arrived = [self.clients[client_id] for client_id in uploads]
-        uploads = list(uploads.values())
-        self.upload_floats += sum(self.upload_size(*upload) for upload in uploads)
+    def aggregate(self, uploads, timer):
         self.round_metrics = {name: math.nan for name in self.metric_names}
         if not uploads:
             tqdm.write(f"round {self.round}: no uploads arrived; keeping the global knowledge")
-            return
-        means, classes, counts = (torch.cat([u[i] for u in uploads]).to(self.device) for i in range(3))
+            return {}
+        means, classes = (torch.cat([u.tensors[name] for u in uploads.values()]).to(self.device)
+                          for name in ("means", "classes"))
+        counts = None
+        if all("counts" in u.tensors for u in uploads.values()):
+            counts = torch.cat([u.tensors["counts"] for u in uploads.values()]).to(self.device)
         with timer("aggregate"):
-            self.aggregate(means, classes, counts)
+            self.update_knowledge(means, classes, counts)
         self.version += 1
-        self.deliver(arrived)
+        knowledge = self.knowledge()
+        for client_id in uploads:
+            self.client_versions[client_id] = self.version
+        return dict.fromkeys(uploads, knowledge)
 
     def extra_state(self):
-        return {"version": self.version}
+        return {"version": self.version, "client_versions": dict(self.client_versions)}
 
     def load_extra_state(self, state):
         self.version = state["version"]
+        self.client_versions = dict(state["client_versions"])
 
 
 class ServerFedProto(PrototypeServer):
@@ -84,22 +81,25 @@ class ServerFedProto(PrototypeServer):
         self.present = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
         tqdm.write(f"FedProto: lambda {self.lamda}")
 
-    def new_client(self, setup):
-        return ClientFedProto(setup, lamda=self.lamda)
+    def client_spec(self):
+        return Payload(config={"lamda": self.lamda})
 
-    def upload_size(self, means, classes, counts):
-        """Class means and their sample counts (the weights of the average)."""
-        return means.numel() + counts.numel()
+    @classmethod
+    def new_client(cls, setup, spec):
+        return ClientFedProto(setup, lamda=spec.config["lamda"])
 
-    def aggregate(self, means, classes, counts):
-        """A class that no arrived client holds keeps its previous global prototype."""
+    def update_knowledge(self, means, classes, counts):
+        """Averages weighted by the clients' sample counts of each class (which FedProto's clients upload with
+        their means); a class that no arrived client holds keeps its previous global prototype."""
         averages, totals = per_class_means(means, classes, self.num_classes, weights=counts)
         arrived = totals > 0
         self.global_prototypes = torch.where(arrived[:, None], averages, self.global_prototypes)
         self.present = self.present | arrived
 
-    def payload(self):
-        return (self.global_prototypes, self.present), int(self.present.sum()) * self.global_prototypes.shape[1]
+    def knowledge(self):
+        """The global prototypes of the classes that have one, and those classes."""
+        classes = torch.nonzero(self.present).squeeze(1)
+        return Payload({"prototypes": self.global_prototypes[classes], "classes": classes})
 
     def extra_state(self):
         state = super().extra_state()

@@ -7,6 +7,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clienttgp import ClientFedTGP
+from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.server_training import train_on_rows
 from flcore.servers.serverproto import PrototypeServer
@@ -77,10 +78,14 @@ class ServerFedTGP(PrototypeServer):
         tqdm.write(f"FedTGP: lambda {self.lamda}, server lr {self.server_lr}, "
                    f"server epochs {self.args.server_epochs}, margin threshold {self.args.margin_threshold}")
 
-    def new_client(self, setup):
-        return ClientFedTGP(setup, lamda=self.lamda)
+    def client_spec(self):
+        return Payload(config={"lamda": self.lamda})
 
-    def aggregate(self, means, classes, counts):
+    @classmethod
+    def new_client(cls, setup, spec):
+        return ClientFedTGP(setup, lamda=spec.config["lamda"])
+
+    def update_knowledge(self, means, classes, counts):
         margin = adaptive_margin(means, classes, self.num_classes, self.args.margin_threshold)
 
         def loss(index):
@@ -92,9 +97,10 @@ class ServerFedTGP(PrototypeServer):
             self.global_prototypes = self.prototype_net()
         self.round_metrics = {"server_loss": server_loss, "margin": margin}
 
-    def payload(self):
-        present = torch.ones(self.num_classes, dtype=torch.bool, device=self.device)
-        return (self.global_prototypes, present), self.global_prototypes.numel()
+    def knowledge(self):
+        """All K trained global prototypes."""
+        return Payload({"prototypes": self.global_prototypes,
+                        "classes": torch.arange(self.num_classes, device=self.device)})
 
     def extra_state(self):
         state = super().extra_state()
