@@ -75,7 +75,9 @@ def keep_shots(x, y, shots, generator):
     return x[index], y[index]
 
 
-def load_federated_dataset(args):
+def load_federated_dataset(args, only=None):
+    """The dataset of main.py's flags; with `only` (client ids), the arrays of those clients alone (the others are
+    None): a Flower node reads its own partition, the Flower server none."""
     folder = os.path.join(args.dataset_dir, args.dataset)
     regenerate = generate_command(args.dataset, args.num_clients)
     config_path = os.path.join(folder, "config.json")
@@ -100,6 +102,9 @@ def load_federated_dataset(args):
 
     clients = []
     for i in range(args.num_clients):
+        if only is not None and i not in only:
+            clients.append(None)
+            continue
         train_x, train_y = _read_split(os.path.join(folder, "train", f"{i}.npz"), args.num_classes, regenerate)
         test_x, test_y = _read_split(os.path.join(folder, "test", f"{i}.npz"), args.num_classes, regenerate)
         if len(train_y) == 0:
@@ -108,7 +113,9 @@ def load_federated_dataset(args):
         if args.shots:
             train_x, train_y = keep_shots(train_x, train_y, args.shots, torch.Generator().manual_seed(args.seed + i))
         clients.append(ClientData(train_x, train_y, test_x, test_y))
-    shapes = {tuple(c.train_x.shape[1:]) for c in clients}
+    shapes = {tuple(c.train_x.shape[1:]) for c in clients if c is not None}
+    if not shapes and "image_shape" in config:
+        shapes = {tuple(config["image_shape"])}
     if len(shapes) != 1:
         raise UserError(f"clients in {folder} have different image shapes {sorted(shapes)}; "
                         f"regenerate the dataset with: {regenerate}")

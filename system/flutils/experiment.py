@@ -52,12 +52,20 @@ def run_all(args):
         server = server_cls(args, dataset, run, device, cache)
         if args.resume:
             server.resume()
-        history = server.train()
-        path = os.path.join(args.results_dir, run_name(args, run) + ".h5")
-        history.write_h5(path, {"args": json.dumps(vars(args), sort_keys=True), "run": run, "seed": server.seed})
-        print(f"run {run}: results written to {path}")
-        histories.append(history)
+        histories.append(write_run(args, run, server, server.train()))
+    return summarize_runs(args, histories)
 
+
+def write_run(args, run, server, history):
+    """One run's results as .h5 (what results_table.py reads); returns the history."""
+    path = os.path.join(args.results_dir, run_name(args, run) + ".h5")
+    history.write_h5(path, {"args": json.dumps(vars(args), sort_keys=True), "run": run, "seed": server.seed})
+    print(f"run {run}: results written to {path}")
+    return history
+
+
+def summarize_runs(args, histories):
+    """The summary over runs (.json) and the accuracy curves (.png); returns the summary."""
     summary = summarize(histories)
     name = experiment_name(args)
     write_summary(os.path.join(args.results_dir, name + ".json"), summary)

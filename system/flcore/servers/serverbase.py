@@ -68,7 +68,10 @@ class Server:
     # The phase that times a client's upload (FedKTL: "prototypes").
     upload_phase = "train"
 
-    def __init__(self, args, dataset, run, device, cache=None, in_process=True):
+    def __init__(self, args, dataset, run, device, cache=None, remote=None):
+        """`remote`: clients that live elsewhere (Flower nodes, system/flower/), an object with run_turns(requests)
+        ({client id: TurnRequest} -> {client id: TurnReply} of the turns that completed), state_dict() and
+        load_state_dict(); None: the clients are built and run in this process (`run_turns`)."""
         self.args = args
         self.dataset = dataset
         self.run = run
@@ -92,7 +95,9 @@ class Server:
 
         self.slow_train = self.pick_clients(args.train_slow_rate)
         self.send_slow = self.pick_clients(args.send_slow_rate)
-        if in_process:
+        self.remote = remote
+        self.clients, self.store = [], None
+        if remote is None:
             self.build_clients()
 
     def build_clients(self):
@@ -302,7 +307,8 @@ class Server:
             evaluating = r % self.args.eval_gap == 0 or last
             # Training may share a client's turn with its evaluation unless the evaluation can end the run.
             train_in_turn = not (last or self.args.auto_break)
-            replies = self.run_turns(self.round_requests(selected, evaluating, train_in_turn))
+            turns = self.run_turns if self.remote is None else self.remote.run_turns
+            replies = turns(self.round_requests(selected, evaluating, train_in_turn))
             for reply in replies.values():
                 timer.add(reply.seconds)
             if evaluating:
@@ -310,7 +316,7 @@ class Server:
                 if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
                     break
             if not train_in_turn:
-                replies = self.run_turns({client_id: TurnRequest(r, [], False, True) for client_id in selected})
+                replies = turns({client_id: TurnRequest(r, [], False, True) for client_id in selected})
                 for reply in replies.values():
                     timer.add(reply.seconds)
             trained = {client_id: reply for client_id, reply in replies.items() if reply.upload is not None}
@@ -328,7 +334,8 @@ class Server:
         return self.history
 
     def close(self):
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
     def extra_state(self):
         """Algorithm-specific server state to checkpoint."""
@@ -353,7 +360,8 @@ class Server:
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "clients": self.store.checkpoint_state(self.clients),
+            "clients": (self.remote.state_dict() if self.remote is not None
+                        else self.store.checkpoint_state(self.clients)),
             "pending": {client_id: [payload.to_dict() for payload in payloads]
                         for client_id, payloads in self.pending.items()},
             "extra": self.extra_state(),
@@ -374,7 +382,10 @@ class Server:
         clients = state["clients"]
         if isinstance(clients, list):  # a checkpoint written before the client-state stores: the states themselves
             clients = {"store": MemoryStore.kind, "states": clients}
-        self.store.restore(self.clients, clients)
+        if self.remote is not None:
+            self.remote.load_state_dict(clients)
+        else:
+            self.store.restore(self.clients, clients)
         self.pending = {client_id: [Payload.from_dict(payload) for payload in payloads]
                         for client_id, payloads in state.get("pending", {}).items()}
         self.load_extra_state(state["extra"])
@@ -388,7 +399,8 @@ class Server:
         tmp = path + ".tmp"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
-        self.store.checkpoint_written()
+        if self.store is not None:
+            self.store.checkpoint_written()
 
     def resume(self):
         """Load this run's checkpoint; returns False when there is none (the run starts from round 0)."""

@@ -1,0 +1,129 @@
+"""The ServerApp: the algorithm's own server (flcore/servers) runs its round loop unchanged; only its clients'
+turns travel, as Flower messages to the nodes that serve their partitions. Results are written as main.py
+writes them, so results_table.py reads both."""
+import sys
+import time
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from tqdm import tqdm
+
+from flcore.algorithms import server_class
+from flcore.load_cache import LoadCache
+from flower_app.records import engine_settings, read_reply, request_content, torch_device
+from flutils.data import load_federated_dataset
+from flutils.errors import UserError
+from flutils.experiment import summarize_runs, write_run
+
+app = ServerApp()
+
+
+def discover_nodes(grid, num_clients, wait_seconds):
+    """{client id: node id}: waits for the nodes, then asks each which partition it serves."""
+    deadline = time.monotonic() + wait_seconds
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < num_clients:
+        if time.monotonic() > deadline:
+            raise UserError(f"only {len(node_ids)} of {num_clients} nodes connected within {wait_seconds:.0f} s; "
+                            f"start one SuperNode per partition (or raise node-wait in the run config)")
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    questions = [Message(RecordDict({"question": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
+                         message_type="query") for node in node_ids]
+    nodes = {}
+    for answer in grid.send_and_receive(questions, timeout=wait_seconds):
+        node = answer.metadata.src_node_id
+        if answer.has_error():
+            raise UserError(f"node {node}: {answer.error.reason.strip().splitlines()[-1]}")
+        partition = int(answer.content["answer"]["partition"])
+        if partition in nodes:
+            raise UserError(f"nodes {nodes[partition]} and {node} both serve partition {partition}; give each "
+                            f"node its own partition-id")
+        nodes[partition] = node
+    missing = sorted(set(range(num_clients)) - set(nodes))
+    if missing:
+        raise UserError(f"no node serves partitions {missing}; start their SuperNodes")
+    return nodes
+
+
+class FlowerClients:
+    """The clients of one run, on Flower nodes (Server's `remote`). The server sends each client the spec on
+    first contact, and with every turn the number of turns it completed, so a node goes back to the state a
+    resumed server expects. A turn that fails or times out drops that client from the round (as -cdr does) and
+    the server forgets what it believed the client holds."""
+
+    def __init__(self, grid, nodes, run, timeout):
+        self.grid = grid
+        self.nodes = nodes
+        self.run = run
+        self.timeout = timeout
+        self.server = None
+        self.turns_done = {}
+        self.has_spec = set()
+
+    def run_turns(self, requests):
+        messages = []
+        for client_id, request in requests.items():
+            spec = None if client_id in self.has_spec else self.server.spec
+            content = request_content(request, self.run, client_id, self.turns_done.get(client_id, 0), spec,
+                                      client_id in self.server.slow_train)
+            messages.append(Message(content, dst_node_id=self.nodes[client_id],
+                                    message_type="train" if request.train else "evaluate"))
+        client_of = {node: client_id for client_id, node in self.nodes.items()}
+        replies = {}
+        for message in self.grid.send_and_receive(messages, timeout=self.timeout):
+            client_id = client_of[message.metadata.src_node_id]
+            if message.has_error():
+                reason = message.error.reason.strip().splitlines()
+                tqdm.write(f"round {self.server.round}: client {client_id}'s turn failed "
+                           f"({reason[-1] if reason else 'no reason'}); the round goes on without it")
+                continue
+            if message.content["reply"]["lost"]:
+                tqdm.write(f"round {self.server.round}: client {client_id}'s node lost its state; it starts over")
+                self.turns_done[client_id] = 0
+                self.has_spec.discard(client_id)
+                continue
+            replies[client_id] = read_reply(message.content)
+            self.turns_done[client_id] = self.turns_done.get(client_id, 0) + 1
+            self.has_spec.add(client_id)
+        for client_id in requests:
+            if client_id not in replies:
+                self.server.forget(client_id)
+        return {client_id: replies[client_id] for client_id in requests if client_id in replies}
+
+    def state_dict(self):
+        return {"turns_done": dict(self.turns_done)}
+
+    def load_state_dict(self, state):
+        self.turns_done = dict(state["turns_done"])
+
+
+def run_on_flower(grid, run_config):
+    args, settings = engine_settings(run_config)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    server_cls = server_class(args.algorithm)
+    dataset = load_federated_dataset(args, only=[])
+    nodes = discover_nodes(grid, args.num_clients, settings["node-wait"])
+    print(f"{args.algorithm} on Flower: {args.num_clients} nodes, {args.global_rounds} rounds")
+    device = torch_device(args)
+    histories = []
+    cache = LoadCache()
+    for run in range(args.prev, args.times):
+        clients = FlowerClients(grid, nodes, run, settings["turn-timeout"])
+        server = server_cls(args, dataset, run, device, cache, remote=clients)
+        clients.server = server
+        if args.resume:
+            server.resume()
+        histories.append(write_run(args, run, server, server.train()))
+    return summarize_runs(args, histories)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        run_on_flower(grid, context.run_config)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
