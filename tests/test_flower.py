@@ -1,0 +1,193 @@
+"""FedKTL and the baselines on Flower (system/flower): the same server and client code, turns carried as Flower
+messages. Most tests drive the ServerApp's code with a grid in this process (nodes with their own Context, as
+Flower gives them), so faults and restarts are exact and fast; one test runs Flower's simulation engine."""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from flower_app import client_app
+from flower_app.server_app import run_on_flower
+from flutils import experiment
+from flutils.errors import UserError
+from flutils.paths import REPO_ROOT
+
+CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
+CLIENTS = 4
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity(monkeypatch):
+    """The identity Flower's runtime gives a ServerApp process (messages are stamped with it)."""
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+
+
+class LocalGrid:
+    """Flower's Grid for ServerApp code, in this process: each node is the ClientApp with a Context of its own
+    (node config, state kept between messages). `fail(node, message)` says which turns fail; `restart(node)` gives
+    a node a fresh Context, as a restarted SuperNode gets."""
+
+    def __init__(self, run_config, nodes=CLIENTS, node_configs=None, fail=None):
+        self.run_config = run_config
+        self.node_configs = node_configs or {100 + i: {"partition-id": i, "num-partitions": nodes}
+                                             for i in range(nodes)}
+        self.contexts = {}
+        for node in self.node_configs:
+            self.restart(node)
+        self.fail = fail or (lambda node, message: False)
+        self.sent = []
+
+    def restart(self, node):
+        self.contexts[node] = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                                      run_config=self.run_config)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self.sent.append((node, message.metadata.message_type))
+            if self.fail(node, message):
+                reply = Message(Error(code=0, reason="node went away"), reply_to=message)
+            else:
+                try:
+                    reply = client_app.app(message, self.contexts[node])
+                except Exception as exc:  # what Flower turns into an error reply
+                    reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            replies.append(reply)
+        return replies
+
+
+def run_config(digits_root, results, algorithm, **flags):
+    config = {"algorithm": algorithm, "dataset": "Digits", "num_classes": 10, "num_clients": CLIENTS,
+              "model_family": "HtCPU4", "feature_dim": 64, "global_rounds": 2, "device": "cpu", "goal": "flower",
+              "dataset_dir": str(digits_root), "results_dir": str(results), "image_every": 0}
+    config.update(flags)
+    return config
+
+
+def in_process(small_argv, results, algorithm, *flags):
+    argv = small_argv(results, "-algo", algorithm, "-gr", "2", "-go", "flower", "--image_every", "0", *flags)
+    assert experiment.main(argv) == 0
+    return read_curves(results, algorithm)
+
+
+def read_curves(results, algorithm):
+    from flutils.results import read_h5
+    data = read_h5(os.path.join(results, f"Digits_{algorithm}_flower_0.h5"))
+    return {key: np.asarray(data[key]) for key in CURVES}
+
+
+def assert_same_curves(actual, expected):
+    for key in CURVES:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("algorithm", ["FedKTL-stylegan-3", "FedProto", "FedKD"])
+def test_flower_turns_give_the_in_process_results_bit_for_bit(digits_root, small_argv, tmp_path, algorithm,
+                                                              one_torch_thread):
+    expected = in_process(small_argv, tmp_path / "main", algorithm)
+    grid = LocalGrid(run_config(digits_root, tmp_path / "flower", algorithm))
+    run_on_flower(grid, grid.run_config)
+    assert_same_curves(read_curves(tmp_path / "flower", algorithm), expected)
+    assert {kind for _, kind in grid.sent} == {"query", "train", "evaluate"}
+
+
+def test_a_failing_node_drops_its_client_from_the_round_and_gets_the_whole_mentee_after(digits_root, tmp_path,
+                                                                                         one_torch_thread):
+    def fail(node, message):  # client 1's turn of round 1
+        turn = message.content["turn"] if "turn" in message.content else None
+        return turn is not None and int(turn["client"]) == 1 and int(turn["round"]) == 1
+
+    healthy = LocalGrid(run_config(digits_root, tmp_path / "healthy", "FedKD", global_rounds=3))
+    run_on_flower(healthy, healthy.run_config)
+    faulty = LocalGrid(run_config(digits_root, tmp_path / "faulty", "FedKD", global_rounds=3), fail=fail)
+    run_on_flower(faulty, faulty.run_config)
+    ok, bad = read_curves(tmp_path / "healthy", "FedKD"), read_curves(tmp_path / "faulty", "FedKD")
+    assert np.array_equal(ok["upload_floats"][:1], bad["upload_floats"][:1])
+    assert bad["upload_floats"][1] < ok["upload_floats"][1], "client 1's upload is missing in round 1"
+    # Round 2: the server forgot client 1's mentee version, so it sends the whole mentee (156810 floats), not the
+    # compressed update the others get.
+    assert bad["download_floats"][2] > ok["download_floats"][2] + 100_000
+    assert np.all(np.isfinite(bad["rs_test_acc"]))
+
+
+def test_a_restarted_node_continues_from_its_state_on_disk(digits_root, tmp_path, one_torch_thread):
+    config = run_config(digits_root, tmp_path / "plain", "FedProto", global_rounds=3)
+    plain = LocalGrid(config)
+    run_on_flower(plain, config)
+
+    config = run_config(digits_root, tmp_path / "restarted", "FedProto", global_rounds=3)
+    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
+                    for i in range(CLIENTS)}
+    restarted = LocalGrid(config, node_configs=node_configs)
+
+    def restart_node_2_once(node, message):
+        if node == 102 and "turn" in message.content and int(message.content["turn"]["round"]) == 2:
+            if not getattr(restart_node_2_once, "done", False):
+                restarted.restart(node)  # its memory is gone; its folder is not
+                restart_node_2_once.done = True
+        return False
+
+    restarted.fail = restart_node_2_once
+    run_on_flower(restarted, config)
+    assert restart_node_2_once.done
+    assert_same_curves(read_curves(tmp_path / "restarted", "FedProto"), read_curves(tmp_path / "plain", "FedProto"))
+    kept = sorted(os.listdir(tmp_path / "nodes" / "run_0_client_00002"))
+    assert len([f for f in kept if f.startswith("client_")]) == 3, kept
+
+
+def test_a_resumed_server_app_continues_as_an_uninterrupted_run(digits_root, tmp_path, one_torch_thread):
+    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
+                    for i in range(CLIENTS)}
+    whole = run_config(digits_root, tmp_path / "whole", "FedKTL-stylegan-3", global_rounds=3)
+    run_on_flower(LocalGrid(whole), whole)
+
+    split = run_config(digits_root, tmp_path / "split", "FedKTL-stylegan-3", global_rounds=1,
+                       save_folder_name=str(tmp_path / "checkpoints"))
+    nodes = LocalGrid(split, node_configs=node_configs)
+    run_on_flower(nodes, split)
+    resumed = dict(split, global_rounds=3, resume=True)
+    nodes = LocalGrid(resumed, node_configs=node_configs)  # a new ServerApp and restarted nodes: only disks remain
+    run_on_flower(nodes, resumed)
+    assert_same_curves(read_curves(tmp_path / "split", "FedKTL-stylegan-3"),
+                       read_curves(tmp_path / "whole", "FedKTL-stylegan-3"))
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"node_configs": {100: {"num-partitions": 4}}}, "has no partition-id; start it with --node-config"),
+    ({"node_configs": {100 + i: {"partition-id": i + 1} for i in range(4)}}, "partition-id 4 is out of range"),
+    ({"config": {"algorithm": "Nope"}}, "unknown algorithm 'Nope'"),
+    ({"config": {"no_such_flag": 1}}, "unknown flag 'no_such_flag' in the run config"),
+    ({"config": {"node-wait": 0.5}, "nodes": 3}, "only 3 of 4 nodes connected"),
+])
+def test_bad_flower_input_is_one_clear_error_and_writes_nothing(digits_root, tmp_path, change, fragment):
+    config = {**run_config(digits_root, tmp_path / "results", "FedProto"), **change.get("config", {})}
+    grid = LocalGrid(config, nodes=change.get("nodes", CLIENTS))
+    if "node_configs" in change:
+        grid.node_configs.update(change["node_configs"])
+        for node in change["node_configs"]:
+            grid.restart(node)
+    with pytest.raises(UserError, match=fragment):
+        run_on_flower(grid, config)
+    assert not os.path.exists(tmp_path / "results")
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr is installed by .ci/run (requirements-flower.txt)")
+def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_path):
+    """`flwr run system/flower` with 4 virtual SuperNodes in Flower's simulation engine: FedProto's curves equal
+    main.py's."""
+    expected = in_process(small_argv, tmp_path / "main", "FedProto")
+    overrides = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in {
+        "algorithm": "FedProto", "dataset_dir": str(digits_root), "results_dir": str(tmp_path / "flower")}.items())
+    done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "--stream",
+                           "--run-config", overrides], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_curves(read_curves(tmp_path / "flower", "FedProto"), expected)
