@@ -20,6 +20,10 @@ SMALL_FLAGS = {
     "FedGen": ["-se", "5", "-nd", "16", "-hd", "16"],
     "FedGH": ["-se", "3"],
     "FedTGP": ["-se", "3"],
+    "FedFTG": ["-m", "tiny_cnn", "--ftg_iterations", "2", "--ftg_batch_size", "8", "--ftg_generator_width", "8"],
+    # Fine-tuning on the synthetic set after the FedAvg rounds puts that set into the checkpoint.
+    "FGL": ["-m", "tiny_cnn", "--sd_steps", "2", "--fgl_images_per_class", "3", "--fgl_server_epochs", "1",
+            "--fgl_finetune_epochs", "1", "-gbs", "3"],
 }
 WALL_CLOCK = "round_time"
 
@@ -47,7 +51,7 @@ def test_a_run_killed_after_a_round_and_resumed_equals_an_uninterrupted_run(smal
                                                                            monkeypatch, request, algorithm,
                                                                            assert_same_state):
     flags = SMALL_FLAGS.get(algorithm, [])
-    if algorithm == "FedKTL-stable-diffusion":
+    if algorithm in ("FedKTL-stable-diffusion", "FGL"):
         flags = [*flags, "-GPath", request.getfixturevalue("tiny_sd_pipeline")]
 
     def argv(name, *extra):

@@ -123,6 +123,8 @@ def generate(spec: DatasetSpec, options: GenerationOptions) -> bool:
     splits = split_train_test(client_indices, options.train_ratio, rng)
     info = {key: params[key] for key in ("dataset", "num_clients", "num_classes", "partition", "alpha",
                                          "class_per_client", "balance", "train_ratio", "seed")}
+    if spec.class_names is not None:
+        info["class_names"] = list(spec.class_names)
     config = write_dataset(out_dir, images, labels, splits, {**info, "params": params})
     print(f"wrote {options.num_clients} clients ({sum(config['train_sizes'])} train / "
           f"{sum(config['test_sizes'])} test samples) to {out_dir}")

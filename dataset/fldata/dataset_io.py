@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fldata.errors import DatasetError
 
-FORMAT_VERSION = 1  # bump when the written files change for the same parameters
+FORMAT_VERSION = 2  # bump when the written files change for the same parameters
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
 LABEL_STATS_KEY = "Size of samples for labels in clients"
 GENERATED_ENTRIES = ("config.json", "train", "test")

@@ -36,6 +36,8 @@ class DatasetSpec:
     native_layout: str | None = None
     read_native: Callable[["DatasetSpec", str, bool], Arrays | None] | None = None
     builtin: Callable[["DatasetSpec"], Arrays] | None = None
+    # Names of the labels 0..K-1 (written to config.json; FGL builds its prompts from them); None: unknown.
+    class_names: tuple[str, ...] | None = None
 
 
 def describe_source(spec: DatasetSpec, root: str | None) -> str:
@@ -284,18 +286,52 @@ def _load_sklearn_digits(spec: DatasetSpec) -> Arrays:
     return np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target
 
 
+# Label names in label order, as the datasets' own metadata lists them (torchvision's `classes`, CIFAR's meta files;
+# Flowers102's names are the ones published with the dataset, in label order). Underscores become spaces, since
+# they end up in text prompts.
+DIGIT_NAMES = ("digit zero", "digit one", "digit two", "digit three", "digit four", "digit five", "digit six",
+               "digit seven", "digit eight", "digit nine")
+FASHION_MNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                       "ankle boot")
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_NAMES = tuple(name.replace("_", " ") for name in """
+apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle
+caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish
+forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle
+mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel
+streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
+willow_tree wolf woman worm""".split())
+FLOWERS102_NAMES = tuple(name.strip() for name in """
+pink primrose, hard-leaved pocket orchid, canterbury bells, sweet pea, english marigold, tiger lily, moon orchid,
+bird of paradise, monkshood, globe thistle, snapdragon, colt's foot, king protea, spear thistle, yellow iris,
+globe-flower, purple coneflower, peruvian lily, balloon flower, giant white arum lily, fire lily, pincushion flower,
+fritillary, red ginger, grape hyacinth, corn poppy, prince of wales feathers, stemless gentian, artichoke,
+sweet william, carnation, garden phlox, love in the mist, mexican aster, alpine sea holly, ruby-lipped cattleya,
+cape flower, great masterwort, siam tulip, lenten rose, barbeton daisy, daffodil, sword lily, poinsettia,
+bolero deep blue, wallflower, marigold, buttercup, oxeye daisy, common dandelion, petunia, wild pansy, primula,
+sunflower, pelargonium, bishop of llandaff, gaura, geranium, orange dahlia, pink-yellow dahlia, cautleya spicata,
+japanese anemone, black-eyed susan, silverbush, californian poppy, osteospermum, spring crocus, bearded iris,
+windflower, tree poppy, gazania, azalea, water lily, rose, thorn apple, morning glory, passion flower, lotus,
+toad lily, anthurium, frangipani, clematis, hibiscus, columbine, desert-rose, tree mallow, magnolia, cyclamen,
+watercress, canna lily, hippeastrum, bee balm, ball moss, foxglove, bougainvillea, camellia, mallow,
+mexican petunia, bromelia, blanket flower, trumpet creeper, blackberry lily""".split(","))
+
+
 _TRAIN_AND_TEST = ({"train": True}, {"train": False})
 
 MNIST = DatasetSpec("MNIST", 10, (1, 28, 28), "torchvision's MNIST/raw files",
-                    _torchvision_reader("MNIST", _TRAIN_AND_TEST))
+                    _torchvision_reader("MNIST", _TRAIN_AND_TEST), class_names=DIGIT_NAMES)
 FASHION_MNIST = DatasetSpec("FashionMNIST", 10, (1, 28, 28), "torchvision's FashionMNIST/raw files",
-                            _torchvision_reader("FashionMNIST", _TRAIN_AND_TEST))
+                            _torchvision_reader("FashionMNIST", _TRAIN_AND_TEST), class_names=FASHION_MNIST_NAMES)
 CIFAR10 = DatasetSpec("Cifar10", 10, (3, 32, 32), "torchvision's cifar-10-batches-py",
-                      _torchvision_reader("CIFAR10", _TRAIN_AND_TEST))
+                      _torchvision_reader("CIFAR10", _TRAIN_AND_TEST), class_names=CIFAR10_NAMES)
 CIFAR100 = DatasetSpec("Cifar100", 100, (3, 32, 32), "torchvision's cifar-100-python",
-                       _torchvision_reader("CIFAR100", _TRAIN_AND_TEST))
+                       _torchvision_reader("CIFAR100", _TRAIN_AND_TEST), class_names=CIFAR100_NAMES)
 FLOWERS102 = DatasetSpec("Flowers102", 102, (3, 64, 64), "torchvision's flowers-102",
-                         _torchvision_reader("Flowers102", ({"split": "train"}, {"split": "val"}, {"split": "test"})))
+                         _torchvision_reader("Flowers102", ({"split": "train"}, {"split": "val"}, {"split": "test"})),
+                         class_names=FLOWERS102_NAMES)
+# Tiny-ImageNet's names live in the archive's words.txt (WordNet ids to synonyms); not read yet, so no names.
 TINY_IMAGENET = DatasetSpec("TinyImagenet", 200, (3, 64, 64),
                             "tiny-imagenet-200/ (wnids.txt, train/, val/val_annotations.txt)", _read_tiny_imagenet)
-DIGITS = DatasetSpec("Digits", 10, (3, 32, 32), builtin=_load_sklearn_digits)
+DIGITS = DatasetSpec("Digits", 10, (3, 32, 32), builtin=_load_sklearn_digits, class_names=DIGIT_NAMES)

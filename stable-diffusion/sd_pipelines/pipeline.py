@@ -99,6 +99,21 @@ class LatentsToImagePipeline(StableDiffusionPipeline):
                                                 negative_prompt=negative_prompt if guided else None)
         return PromptEmbeddings(positive, negative)
 
+    def tokenize(self, prompts):
+        """Token ids [n, L] of the prompts, padded and truncated to the text encoder's length as encode_prompt does:
+        what a client that holds the (public) tokenizer can send instead of the prompt's text."""
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.inference_mode()
+    def embed_tokens(self, token_ids, negative_prompt="", guided=True):
+        """PromptEmbeddings of token ids [n, L] (and of the negative prompt, "" for the unconditional one, when
+        guided), as encode_prompt computes them for Stable Diffusion 1.x/2.x text encoders."""
+        device = self._execution_device
+        positive = self.text_encoder(token_ids.to(device))[0]
+        negative = self.text_encoder(self.tokenize([negative_prompt]).to(device))[0] if guided else None
+        return PromptEmbeddings(positive, negative)
+
     @torch.inference_mode()
     def sample_from_latents(self, latents, embeddings, num_inference_steps=50, guidance_scale=7.5, seed=0):
         """Denoises the initial latents [n, C, h, w] and decodes them: images [n, 3, H, W] in [-1, 1].

@@ -18,6 +18,8 @@ ALGORITHMS = {
     "FedKD": "flcore.servers.serverkd:ServerFedKD",
     "FedGH": "flcore.servers.servergh:ServerFedGH",
     "FedTGP": "flcore.servers.servertgp:ServerFedTGP",
+    "FedFTG": "flcore.servers.serverftg:ServerFedFTG",
+    "FGL": "flcore.servers.serverfgl:ServerFGL",
 }
 
 
