@@ -46,7 +46,9 @@ def test_class_level_prompts_and_what_a_client_uploads(pipeline):
     tokens = pipeline.tokenize(prompts)
     assert tokens.shape == (3, pipeline.tokenizer.model_max_length) and tokens.dtype == torch.long
     upload = prompt_upload(torch.tensor([0.0, 4.0, 2.0]), tokens)
-    assert upload["classes"].tolist() == [1, 2] and torch.equal(upload["prompt_tokens"], tokens[1:])
+    assert upload.tensors["classes"].tolist() == [1, 2]
+    assert torch.equal(upload.tensors["prompt_tokens"].long(), tokens[1:])
+    assert upload.floats() == 2 * tokens.shape[1], "the token ids are the upload"
     other = prompt_upload(torch.tensor([5.0, 0.0, 1.0]), tokens)
     pooled = pooled_prompts([upload, other])
     assert list(pooled) == [0, 1, 2] and all(torch.equal(pooled[c], tokens[c]) for c in pooled)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.clients.clientbase import shuffled_batches
+from flcore.exchange import Payload
 from flcore.servers.serverktl import to_client_images
 
 # The paper's class-level template for ImageNet subsets (its Table 5): the label, then a style suffix.
@@ -19,7 +20,9 @@ def class_prompts(class_names, template):
 def prompt_upload(label_counts, class_tokens):
     """What a client sends in FGL's first round: the token ids of the class-level prompts of the classes it holds."""
     classes = torch.nonzero(label_counts > 0).flatten()
-    return {"classes": classes, "prompt_tokens": class_tokens[classes].clone()}
+    # Token ids travel as float32 (exact below 2**24; CLIP's vocabulary has 49,408) so that the upload counts
+    # count them: they are FGL's whole upload.
+    return Payload({"classes": classes, "prompt_tokens": class_tokens[classes].to(torch.float32)})
 
 
 def pooled_prompts(uploads):
@@ -27,7 +30,7 @@ def pooled_prompts(uploads):
     holds the class, so the server keeps one per class."""
     pooled = {}
     for upload in uploads:
-        for label, tokens in zip(upload["classes"].tolist(), upload["prompt_tokens"]):
+        for label, tokens in zip(upload.tensors["classes"].tolist(), upload.tensors["prompt_tokens"].long()):
             pooled.setdefault(label, tokens)
     return dict(sorted(pooled.items()))
 

@@ -3,6 +3,7 @@ count and its label counts (FedFTG's label sampling and class-level ensemble rea
 import torch
 
 from flcore.clients.clientbase import Client
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.fedavg import load_shared_state, shared_state
 
 
@@ -11,8 +12,10 @@ class ClientFedAvg(Client):
         super().__init__(setup)
         self.label_counts = torch.bincount(self.train_y, minlength=self.num_classes).float()
 
-    def receive_global(self, state):
-        load_shared_state(self.model, state)
+    def receive(self, payload):
+        """The global model's state."""
+        load_shared_state(self.model, unflatten(payload.tensors, "model"))
 
     def upload(self):
-        return {"state": shared_state(self.model), "samples": self.num_train, "label_counts": self.label_counts.clone()}
+        return Payload({**flatten(shared_state(self.model), "model"), "label_counts": self.label_counts.clone()},
+                       {"samples": self.num_train})

@@ -10,8 +10,8 @@ class ClientFGL(ClientFedAvg):
         self.class_tokens = class_tokens  # [K, L] token ids of every class's prompt (public: names and tokenizer)
         self.has_global = False
 
-    def receive_global(self, state):
-        super().receive_global(state)
+    def receive(self, payload):
+        super().receive(payload)
         self.has_global = True
 
     def train(self):
@@ -21,7 +21,9 @@ class ClientFGL(ClientFedAvg):
     def upload(self):
         if not self.has_global:
             return prompt_upload(self.label_counts, self.class_tokens)
-        return {"state": super().upload()["state"], "samples": self.num_train}
+        payload = super().upload()
+        del payload.tensors["label_counts"]
+        return payload
 
     def state_dict(self):
         return {**super().state_dict(), "has_global": self.has_global}

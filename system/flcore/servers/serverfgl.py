@@ -13,9 +13,10 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientfgl import ClientFGL
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.fedavg import load_shared_state, shared_state, single_model_name
 from flcore.fgl_ops import DEFAULT_TEMPLATE, class_prompts, pooled_prompts, synthesize, train_on
-from flcore.parameters import float_count, weighted_average
+from flcore.parameters import weighted_average
 from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stable_diffusion import load_pipeline, pipeline_module
 from flcore.trainmodel import build_model
@@ -103,25 +104,24 @@ class ServerFGL(Server):
                             f"label order, got {len(names)}")
         return names
 
-    def new_client(self, setup):
-        return ClientFGL(setup, self.class_tokens)
+    def client_spec(self):
+        """Every class's prompt as token ids (public: the class names and the tokenizer)."""
+        return Payload({"class_tokens": self.class_tokens})
+
+    @classmethod
+    def new_client(cls, setup, spec):
+        return ClientFGL(setup, spec.tensors["class_tokens"])
 
     def prepare_round(self, selected):
         self.round_state = shared_state(self.global_model) if self.global_trained else None
 
-    def send_to(self, client):
-        if self.round_state is not None:
-            client.receive_global(self.round_state)
-            self.download_floats += float_count(self.round_state)
+    def payload_for(self, client_id):
+        return None if self.round_state is None else Payload(flatten(self.round_state, "model"))
 
-    def collect(self, client):
-        return client.upload()
-
-    def server_round(self, uploads, timer):
-        prompts = [u for u in uploads.values() if "prompt_tokens" in u]
-        models = [u for u in uploads.values() if "state" in u]
-        self.upload_floats += sum(u["prompt_tokens"].numel() for u in prompts)
-        self.upload_floats += sum(float_count(u["state"]) for u in models)
+    def aggregate(self, uploads, timer):
+        prompts = [u for u in uploads.values() if "prompt_tokens" in u.tensors]
+        models = [unflatten(u.tensors, "model") for u in uploads.values() if "prompt_tokens" not in u.tensors]
+        samples = [u.config["samples"] for u in uploads.values() if "prompt_tokens" not in u.tensors]
         synthesized, loss = 0, math.nan
         if prompts and not self.global_trained:
             images, labels = self.synthesize(pooled_prompts(prompts), timer)
@@ -131,12 +131,12 @@ class ServerFGL(Server):
             self.global_trained = True
             self.synthetic = (images, labels) if self.args.fgl_finetune_epochs else None
         elif models:
-            load_shared_state(self.global_model, weighted_average([u["state"] for u in models],
-                                                                  [u["samples"] for u in models]))
+            load_shared_state(self.global_model, weighted_average(models, samples))
             if self.synthetic is not None:
                 with timer("server_train"):
                     loss = self.train_global(*self.synthetic, self.args.fgl_finetune_epochs)
         self.round_metrics = {"synthetic_images": synthesized, "server_train_loss": loss}
+        return {}
 
     def synthesize(self, prompts, timer):
         args = self.args

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from flcore.clients.clientfedavg import ClientFedAvg
+from flcore.exchange import Payload, flatten, unflatten
 from flcore.fedavg import load_shared_state, shared_state, single_model_name
 from flcore.ftg_ops import ConditionalGenerator, FineTuneSettings, fine_tune
 from flcore.parameters import float_count, weighted_average
@@ -85,33 +86,30 @@ class ServerFedFTG(Server):
                    f"I_d={self.settings.distill_steps}, batch {self.settings.batch_size}, "
                    f"server lr {self.settings.learning_rate}")
 
-    def new_client(self, setup):
+    @classmethod
+    def new_client(cls, setup, spec):
         return ClientFedAvg(setup)
 
     def prepare_round(self, selected):
         self.round_state = shared_state(self.global_model)
 
-    def send_to(self, client):
-        client.receive_global(self.round_state)
-        self.download_floats += float_count(self.round_state)
+    def payload_for(self, client_id):
+        return Payload(flatten(self.round_state, "model"))
 
-    def collect(self, client):
-        return client.upload()
-
-    def server_round(self, uploads, timer):
+    def aggregate(self, uploads, timer):
         uploads = list(uploads.values())
-        self.upload_floats += sum(float_count(u["state"]) + u["label_counts"].numel() for u in uploads)
         if not uploads:
             self.round_metrics = {name: math.nan for name in ("generator_loss", "distill_loss")}
-            return
-        states = [u["state"] for u in uploads]
-        load_shared_state(self.global_model, weighted_average(states, [u["samples"] for u in uploads]))
+            return {}
+        states = [unflatten(u.tensors, "model") for u in uploads]
+        load_shared_state(self.global_model, weighted_average(states, [u.config["samples"] for u in uploads]))
         with timer("fine_tune"):
             metrics = fine_tune(self.global_model, self.teacher, [{k: v.to(self.device) for k, v in s.items()}
                                                                   for s in states],
-                                torch.stack([u["label_counts"] for u in uploads]), self.generator,
+                                torch.stack([u.tensors["label_counts"] for u in uploads]), self.generator,
                                 self.generator_optimizer, self.settings, self.torch_generator)
         self.round_metrics = {"generator_loss": metrics["generator_loss"], "distill_loss": metrics["distill_loss"]}
+        return {}
 
     def extra_state(self):
         return {"global_model": self.global_model.state_dict(), "generator": self.generator.state_dict(),
