@@ -49,12 +49,19 @@ class LocalGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
+    def replace(self, node, new_node):
+        """The SuperNode `node` stopped and started again: a new node id, the same node config, a fresh Context."""
+        self.node_configs[new_node] = self.node_configs.pop(node)
+        del self.contexts[node]
+        self.restart(new_node)
+
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do when sending
             node = message.metadata.dst_node_id
             self.sent.append((node, message.metadata.message_type))
-            if self.fail(node, message):
+            if node not in self.contexts or self.fail(node, message):
                 reply = Message(Error(code=0, reason="node went away"), reply_to=message)
             else:
                 try:
@@ -142,6 +149,29 @@ def test_a_restarted_node_continues_from_its_state_on_disk(digits_root, tmp_path
     assert_same_curves(read_curves(tmp_path / "restarted", "FedProto"), read_curves(tmp_path / "plain", "FedProto"))
     kept = sorted(os.listdir(tmp_path / "nodes" / "run_0_client_00002"))
     assert len([f for f in kept if f.startswith("client_")]) == 3, kept
+
+
+def test_a_supernode_restarted_under_a_new_node_id_takes_its_client_back(digits_root, tmp_path, one_torch_thread):
+    healthy = LocalGrid(run_config(digits_root, tmp_path / "healthy", "FedProto", global_rounds=3))
+    run_on_flower(healthy, healthy.run_config)
+
+    config = run_config(digits_root, tmp_path / "rejoined", "FedProto", global_rounds=3)
+    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
+                    for i in range(CLIENTS)}
+    grid = LocalGrid(config, node_configs=node_configs)
+
+    def stop_node_1_in_round_1(node, message):
+        if node == 101 and "turn" in message.content and int(message.content["turn"]["round"]) == 1:
+            grid.replace(101, 201)  # this turn is lost; the node comes back under a new id
+            return True
+        return False
+
+    grid.fail = stop_node_1_in_round_1
+    run_on_flower(grid, config)
+    ok, rejoined = read_curves(tmp_path / "healthy", "FedProto"), read_curves(tmp_path / "rejoined", "FedProto")
+    assert rejoined["upload_floats"][1] < ok["upload_floats"][1], "client 1 missed round 1"
+    assert rejoined["upload_floats"][2] == ok["upload_floats"][2], "and uploaded again in round 2, from node 201"
+    assert (201, "train") in grid.sent
 
 
 def test_a_resumed_server_app_continues_as_an_uninterrupted_run(digits_root, tmp_path, one_torch_thread):

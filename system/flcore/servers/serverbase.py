@@ -203,7 +203,13 @@ class Server:
         return arrived
 
     def evaluate(self, stats):
-        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss)."""
+        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss); clients whose
+        turn failed (Flower) are missing from `stats`."""
+        if not any(s[1] for s in stats):
+            nan = float("nan")
+            self.history.record_eval(self.round, nan, nan, nan, nan, nan)
+            tqdm.write(f"round {self.round:4d} | no client's evaluation arrived")
+            return
         correct = np.array([s[0] for s in stats], dtype=np.float64)
         counts = np.array([s[1] for s in stats], dtype=np.float64)
         aucs = np.array([s[2] for s in stats], dtype=np.float64)

@@ -3,6 +3,7 @@ flcore.exchange.take_turn on the algorithm's own client class, built from the se
 node kept from its previous turn."""
 from functools import lru_cache
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -34,6 +35,8 @@ def partition_data(run_config_items, partition):
 
 def node_turn(message: Message, context: Context) -> Message:
     args, _ = engine_settings(context.run_config)
+    if args.num_threads:  # as main.py: the thread count changes the order of float sums, hence the results
+        torch.set_num_threads(args.num_threads)
     partition = partition_of(context.node_config, args.num_clients)
     request, turn, spec = read_request(message.content)
     if int(turn["client"]) != partition:

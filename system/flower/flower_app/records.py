@@ -134,14 +134,15 @@ def partition_of(node_config, num_clients):
 class NodeState:
     """A client's state between its turns on one node, tagged with the number of turns it completed: in the
     node's RecordDict (the simulation engine keeps it in memory), or as files in `folder` (deployment; written
-    to a temporary name and renamed). The last KEEP tags are kept, so a server that resumes from a checkpoint
-    finds the state its checkpoint expects."""
-    KEEP = 3
+    to a temporary name and renamed). On disk the last three tags are kept, so a server that resumes from a
+    checkpoint finds the state its checkpoint expects (a node may be two turns ahead of it: an evaluation and a
+    training turn of the round that was cut); in memory the last two (a reply lost on its way back)."""
 
     def __init__(self, records, folder=None, scope=""):
         self.records = records
         self.folder = folder
         self.scope = scope  # names in the RecordDict are per run
+        self.keep = 3 if folder else 2
         if folder:
             os.makedirs(folder, exist_ok=True)
 
@@ -167,7 +168,7 @@ class NodeState:
         else:
             self.records[f"{self.scope}{name}:{turns}"] = ArrayRecord(tensors) if tensors else ArrayRecord()
             self.records[f"{self.scope}{name}:{turns}.skeleton"] = ConfigRecord({"state": skeleton})
-        for old in self.tags(name)[:-self.KEEP]:
+        for old in self.tags(name)[:-self.keep]:
             self.remove(name, old)
 
     def remove(self, name, turns):

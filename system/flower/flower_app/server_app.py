@@ -19,6 +19,26 @@ from flutils.experiment import summarize_runs, write_run
 app = ServerApp()
 
 
+def ask_partitions(grid, node_ids, timeout, strict):
+    """{partition: node id} of the nodes that answer which partition they serve; with `strict`, a node's error or
+    two nodes of one partition stop the run (at start-up), else they are skipped (a node rejoining mid-run)."""
+    questions = [Message(RecordDict({"question": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
+                         message_type="query") for node in node_ids]
+    nodes = {}
+    for answer in grid.send_and_receive(questions, timeout=timeout):
+        node = answer.metadata.src_node_id
+        if answer.has_error():
+            if strict:
+                raise UserError(f"node {node}: {answer.error.reason.strip().splitlines()[-1]}")
+            continue
+        partition = int(answer.content["answer"]["partition"])
+        if strict and partition in nodes:
+            raise UserError(f"nodes {nodes[partition]} and {node} both serve partition {partition}; give each "
+                            f"node its own partition-id")
+        nodes[partition] = node
+    return nodes
+
+
 def discover_nodes(grid, num_clients, wait_seconds):
     """{client id: node id}: waits for the nodes, then asks each which partition it serves."""
     deadline = time.monotonic() + wait_seconds
@@ -29,18 +49,7 @@ def discover_nodes(grid, num_clients, wait_seconds):
                             f"start one SuperNode per partition (or raise node-wait in the run config)")
         time.sleep(0.5)
         node_ids = list(grid.get_node_ids())
-    questions = [Message(RecordDict({"question": ConfigRecord({"ask": "partition"})}), dst_node_id=node,
-                         message_type="query") for node in node_ids]
-    nodes = {}
-    for answer in grid.send_and_receive(questions, timeout=wait_seconds):
-        node = answer.metadata.src_node_id
-        if answer.has_error():
-            raise UserError(f"node {node}: {answer.error.reason.strip().splitlines()[-1]}")
-        partition = int(answer.content["answer"]["partition"])
-        if partition in nodes:
-            raise UserError(f"nodes {nodes[partition]} and {node} both serve partition {partition}; give each "
-                            f"node its own partition-id")
-        nodes[partition] = node
+    nodes = ask_partitions(grid, node_ids, wait_seconds, strict=True)
     missing = sorted(set(range(num_clients)) - set(nodes))
     if missing:
         raise UserError(f"no node serves partitions {missing}; start their SuperNodes")
@@ -61,8 +70,22 @@ class FlowerClients:
         self.server = None
         self.turns_done = {}
         self.has_spec = set()
+        self.failed = False
+
+    def rejoin_nodes(self):
+        """After a failed turn: nodes that connected since (a restarted SuperNode gets a new node id) take over the
+        partitions they serve."""
+        known = set(self.nodes.values())
+        new = [node for node in self.grid.get_node_ids() if node not in known]
+        if new:
+            for partition, node in ask_partitions(self.grid, new, self.timeout, strict=False).items():
+                tqdm.write(f"client {partition} is now served by node {node}")
+                self.nodes[partition] = node
 
     def run_turns(self, requests):
+        if self.failed:
+            self.rejoin_nodes()
+            self.failed = False
         messages = []
         for client_id, request in requests.items():
             spec = None if client_id in self.has_spec else self.server.spec
@@ -70,10 +93,13 @@ class FlowerClients:
                                       client_id in self.server.slow_train)
             messages.append(Message(content, dst_node_id=self.nodes[client_id],
                                     message_type="train" if request.train else "evaluate"))
-        client_of = {node: client_id for client_id, node in self.nodes.items()}
+        sent = list(zip(requests, messages))
         replies = {}
-        for message in self.grid.send_and_receive(messages, timeout=self.timeout):
-            client_id = client_of[message.metadata.src_node_id]
+        answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        # Sending gave each message its id; a reply (or the error in its place) names the message it answers.
+        client_of = {message.metadata.message_id: client_id for client_id, message in sent}
+        for message in answers:
+            client_id = client_of[message.metadata.reply_to_message_id]
             if message.has_error():
                 reason = message.error.reason.strip().splitlines()
                 tqdm.write(f"round {self.server.round}: client {client_id}'s turn failed "
@@ -90,6 +116,7 @@ class FlowerClients:
         for client_id in requests:
             if client_id not in replies:
                 self.server.forget(client_id)
+                self.failed = True
         return {client_id: replies[client_id] for client_id in requests if client_id in replies}
 
     def state_dict(self):
