@@ -1,5 +1,4 @@
 """Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
-import json
 import math
 import os
 
@@ -158,52 +157,19 @@ def file_bytes():
     return contents
 
 
-def write_tokenizer_files(folder):
-    """A character-level CLIP vocabulary (no merges) covering the prompts the tests use."""
-    letters = sorted(set("acdgthoblurypf"))
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [letter + "</w>" for letter in letters]
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_path, "w") as f:
-        json.dump({token: i for i, token in enumerate(tokens)}, f)
-    with open(merges_path, "w") as f:
-        f.write("#version: 0.2\n")
-    return vocab_path, merges_path, len(tokens)
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_pipeline(tmp_path_factory):
-    """The folder of a random-weight, Stable-Diffusion-shaped diffusers pipeline (8x VAE down-scaling, 4 latent
-    channels, CLIP text encoder, UNet sample size 8: 64x64 images), to load through -GPath like real weights. The
-    character vocabulary it was made with (vocab.json, merges.txt) lies in the folder above it."""
+    """The folder of a random-weight, Stable-Diffusion-shaped diffusers pipeline (sd_pipelines/tiny.py: 8x VAE
+    down-scaling, 4 latent channels, CLIP text encoder, UNet sample size 8: 64x64 images; Euler's init_noise_sigma
+    is far from 1, so a missing or doubled scale shows), to load through -GPath like real weights. The character
+    vocabulary it was made with (vocab.json, merges.txt) lies in the folder above it."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from sd_pipelines.tiny import write_character_tokenizer, write_tiny_pipeline
 
     folder = str(tmp_path_factory.mktemp("tiny_sd"))
-    vocab_path, merges_path, vocab_size = write_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path, model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
-        sample_size=64)
-    # Euler's init_noise_sigma is far from 1, so a missing or doubled scale shows.
-    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    path = os.path.join(folder, "pipeline")
-    pipeline.save_pretrained(path)
-    return path
+    write_character_tokenizer(folder)
+    return write_tiny_pipeline(os.path.join(folder, "pipeline"), max_tokens=16)
 
 
 @pytest.fixture(scope="session", autouse=True)

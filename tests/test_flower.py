@@ -72,6 +72,11 @@ class LocalGrid:
         return replies
 
 
+def disk_nodes(folder):
+    """Node configs of CLIENTS nodes (ids 100, 101, ...) that keep their client's state in `folder`."""
+    return {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(folder)} for i in range(CLIENTS)}
+
+
 def run_config(digits_root, results, algorithm, **flags):
     config = {"algorithm": algorithm, "dataset": "Digits", "num_classes": 10, "num_clients": CLIENTS,
               "model_family": "HtCPU4", "feature_dim": 64, "global_rounds": 2, "device": "cpu", "goal": "flower",
@@ -132,8 +137,7 @@ def test_a_restarted_node_continues_from_its_state_on_disk(digits_root, tmp_path
     run_on_flower(plain, config)
 
     config = run_config(digits_root, tmp_path / "restarted", "FedProto", global_rounds=3)
-    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
-                    for i in range(CLIENTS)}
+    node_configs = disk_nodes(tmp_path / "nodes")
     restarted = LocalGrid(config, node_configs=node_configs)
 
     def restart_node_2_once(node, message):
@@ -156,8 +160,7 @@ def test_a_supernode_restarted_under_a_new_node_id_takes_its_client_back(digits_
     run_on_flower(healthy, healthy.run_config)
 
     config = run_config(digits_root, tmp_path / "rejoined", "FedProto", global_rounds=3)
-    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
-                    for i in range(CLIENTS)}
+    node_configs = disk_nodes(tmp_path / "nodes")
     grid = LocalGrid(config, node_configs=node_configs)
 
     def stop_node_1_in_round_1(node, message):
@@ -175,8 +178,7 @@ def test_a_supernode_restarted_under_a_new_node_id_takes_its_client_back(digits_
 
 
 def test_a_resumed_server_app_continues_as_an_uninterrupted_run(digits_root, tmp_path, one_torch_thread):
-    node_configs = {100 + i: {"partition-id": i, "num-partitions": CLIENTS, "state-dir": str(tmp_path / "nodes")}
-                    for i in range(CLIENTS)}
+    node_configs = disk_nodes(tmp_path / "nodes")
     whole = run_config(digits_root, tmp_path / "whole", "FedKTL-stylegan-3", global_rounds=3)
     run_on_flower(LocalGrid(whole), whole)
 
