@@ -109,7 +109,7 @@ def args_from_run_config(run_config):
 
 
 # Run-config keys of the Flower engine itself (seconds); every other key is a main.py flag.
-ENGINE_DEFAULTS = {"turn-timeout": 600.0, "node-wait": 120.0}
+ENGINE_DEFAULTS = {"turn-timeout": 600.0, "node-wait": 120.0, "rejoin-wait": 60.0}
 
 
 def engine_settings(run_config):

@@ -59,33 +59,53 @@ def discover_nodes(grid, num_clients, wait_seconds):
 class FlowerClients:
     """The clients of one run, on Flower nodes (Server's `remote`). The server sends each client the spec on
     first contact, and with every turn the number of turns it completed, so a node goes back to the state a
-    resumed server expects. A turn that fails or times out drops that client from the round (as -cdr does) and
-    the server forgets what it believed the client holds."""
+    resumed server expects. A turn that fails or times out is sent once more if its client's SuperNode comes back
+    (under a new node id) within `rejoin_wait` seconds: the node reads the state the turn expects, so the retried
+    turn computes what the lost one would have. Otherwise the client misses the round (as with -cdr) and the
+    server forgets what it believed the client holds."""
 
-    def __init__(self, grid, nodes, run, timeout):
+    def __init__(self, grid, nodes, run, timeout, rejoin_wait):
         self.grid = grid
         self.nodes = nodes
         self.run = run
         self.timeout = timeout
+        self.rejoin_wait = rejoin_wait
         self.server = None
         self.turns_done = {}
         self.has_spec = set()
-        self.failed = False
 
-    def rejoin_nodes(self):
-        """After a failed turn: nodes that connected since (a restarted SuperNode gets a new node id) take over the
-        partitions they serve."""
-        known = set(self.nodes.values())
-        new = [node for node in self.grid.get_node_ids() if node not in known]
-        if new:
-            for partition, node in ask_partitions(self.grid, new, self.timeout, strict=False).items():
-                tqdm.write(f"client {partition} is now served by node {node}")
-                self.nodes[partition] = node
+    def rejoined(self, clients):
+        """Of `clients`, those whose partition a newly connected node serves (waiting up to rejoin_wait seconds
+        for all of them)."""
+        deadline = time.monotonic() + self.rejoin_wait
+        moved = set()
+        while True:
+            known = set(self.nodes.values())
+            new = [node for node in self.grid.get_node_ids() if node not in known]
+            if new:
+                for partition, node in ask_partitions(self.grid, new, self.timeout, strict=False).items():
+                    tqdm.write(f"client {partition} is now served by node {node}")
+                    self.nodes[partition] = node
+                    moved.add(partition)
+            if set(clients) <= moved or time.monotonic() >= deadline:
+                return [client_id for client_id in clients if client_id in moved]
+            time.sleep(0.5)
 
     def run_turns(self, requests):
-        if self.failed:
-            self.rejoin_nodes()
-            self.failed = False
+        replies, failed = self.send_turns(requests)
+        if failed:
+            retry = self.rejoined(failed)
+            if retry:
+                replies.update(self.send_turns({client_id: requests[client_id] for client_id in retry})[0])
+        for client_id in requests:
+            if client_id not in replies:
+                tqdm.write(f"round {self.server.round}: client {client_id} misses this round")
+                self.server.forget(client_id)
+        return {client_id: replies[client_id] for client_id in requests if client_id in replies}
+
+    def send_turns(self, requests):
+        """One message per turn to the client's node; (the replies of the turns that completed, the clients whose
+        turn failed or timed out)."""
         messages = []
         for client_id, request in requests.items():
             spec = None if client_id in self.has_spec else self.server.spec
@@ -94,7 +114,7 @@ class FlowerClients:
             messages.append(Message(content, dst_node_id=self.nodes[client_id],
                                     message_type="train" if request.train else "evaluate"))
         sent = list(zip(requests, messages))
-        replies = {}
+        replies, lost = {}, set()
         answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         # Sending gave each message its id; a reply (or the error in its place) names the message it answers.
         client_of = {message.metadata.message_id: client_id for client_id, message in sent}
@@ -103,21 +123,18 @@ class FlowerClients:
             if message.has_error():
                 reason = message.error.reason.strip().splitlines()
                 tqdm.write(f"round {self.server.round}: client {client_id}'s turn failed "
-                           f"({reason[-1] if reason else 'no reason'}); the round goes on without it")
+                           f"({reason[-1] if reason else 'no reason'})")
                 continue
             if message.content["reply"]["lost"]:
                 tqdm.write(f"round {self.server.round}: client {client_id}'s node lost its state; it starts over")
                 self.turns_done[client_id] = 0
                 self.has_spec.discard(client_id)
+                lost.add(client_id)
                 continue
             replies[client_id] = read_reply(message.content)
             self.turns_done[client_id] = self.turns_done.get(client_id, 0) + 1
             self.has_spec.add(client_id)
-        for client_id in requests:
-            if client_id not in replies:
-                self.server.forget(client_id)
-                self.failed = True
-        return {client_id: replies[client_id] for client_id in requests if client_id in replies}
+        return replies, [client_id for client_id in requests if client_id not in replies and client_id not in lost]
 
     def state_dict(self):
         return {"turns_done": dict(self.turns_done)}
@@ -138,7 +155,7 @@ def run_on_flower(grid, run_config):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        clients = FlowerClients(grid, nodes, run, settings["turn-timeout"])
+        clients = FlowerClients(grid, nodes, run, settings["turn-timeout"], settings["rejoin-wait"])
         server = server_cls(args, dataset, run, device, cache, remote=clients)
         clients.server = server
         if args.resume:
