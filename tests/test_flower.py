@@ -194,6 +194,36 @@ def test_a_resumed_server_app_continues_as_an_uninterrupted_run(digits_root, tmp
                        read_curves(tmp_path / "whole", "FedKTL-stylegan-3"))
 
 
+class ServerAppCrash(Exception):
+    pass
+
+
+def test_a_server_app_killed_mid_round_resumes_with_nodes_ahead_of_its_checkpoint(digits_root, tmp_path,
+                                                                                   one_torch_thread):
+    whole = run_config(digits_root, tmp_path / "whole", "FedKTL-stylegan-3", global_rounds=3)
+    run_on_flower(LocalGrid(whole), whole)
+
+    config = run_config(digits_root, tmp_path / "crashed", "FedKTL-stylegan-3", global_rounds=3,
+                        save_folder_name=str(tmp_path / "checkpoints"))
+    grid = LocalGrid(config, node_configs=disk_nodes(tmp_path / "nodes"))
+    turns_in_round_2 = []
+
+    def crash_after_two_turns_of_round_2(node, message):
+        if "turn" in message.content and int(message.content["turn"]["round"]) == 2:
+            if len(turns_in_round_2) == 2:  # nodes 0 and 1 have saved their round-2 state; the server has not
+                raise ServerAppCrash
+            turns_in_round_2.append(node)
+        return False
+
+    grid.fail = crash_after_two_turns_of_round_2
+    with pytest.raises(ServerAppCrash):
+        run_on_flower(grid, config)
+    resumed = dict(config, resume=True)
+    run_on_flower(LocalGrid(resumed, node_configs=disk_nodes(tmp_path / "nodes")), resumed)
+    assert_same_curves(read_curves(tmp_path / "crashed", "FedKTL-stylegan-3"),
+                       read_curves(tmp_path / "whole", "FedKTL-stylegan-3"))
+
+
 @pytest.mark.parametrize("change,fragment", [
     ({"node_configs": {100: {"num-partitions": 4}}}, "has no partition-id; start it with --node-config"),
     ({"node_configs": {100 + i: {"partition-id": i + 1} for i in range(4)}}, "partition-id 4 is out of range"),
