@@ -2,7 +2,7 @@
 
     python benchmarks/flower_scale.py --clients 20 [--rounds 3] [--algorithm FedProto] [--out DIR]
 
-Both engines run the same flags on a Digits split into N clients (iid: 100 clients of a Dirichlet split would
+Both engines run the same flags on a Digits split into N equal clients (iid: 100 clients of a Dirichlet split would
 leave some without data; HtCPU4, one CPU thread per client). main.py
 runs the clients one after another in one process; `flwr run system/flower` runs them as virtual SuperNodes of
 the simulation engine (Ray actors, one CPU each: as many clients at once as cores). Peak memory is the largest sum
@@ -102,7 +102,8 @@ def main(argv=None):
     datasets, results = os.path.join(out, "datasets"), os.path.join(out, "results")
     dataset = os.path.join(datasets, "Digits")
     if not os.path.isfile(os.path.join(dataset, "config.json")):
-        generate_dataset(DIGITS, ["--num-clients", str(options.clients), "--partition", "iid", "--out", dataset])
+        generate_dataset(DIGITS, ["--num-clients", str(options.clients), "--partition", "iid", "--balance", "1",
+                                  "--out", dataset])
     common = {"algorithm": options.algorithm, "dataset": "Digits", "num_clients": options.clients,
               "global_rounds": options.rounds, "dataset_dir": datasets, "results_dir": results,
               "num_threads": 1, "image_every": 0}

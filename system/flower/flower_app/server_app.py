@@ -119,7 +119,11 @@ class FlowerClients:
         # Sending gave each message its id; a reply (or the error in its place) names the message it answers.
         client_of = {message.metadata.message_id: client_id for client_id, message in sent}
         for message in answers:
-            client_id = client_of[message.metadata.reply_to_message_id]
+            client_id = client_of.get(message.metadata.reply_to_message_id)
+            if client_id is None:  # an error that names no message (a node gone): its turn counts as failed
+                tqdm.write(f"round {self.server.round}: {message.error.reason if message.has_error() else 'a reply'}"
+                           f" for no turn of this round")
+                continue
             if message.has_error():
                 reason = message.error.reason.strip().splitlines()
                 tqdm.write(f"round {self.server.round}: client {client_id}'s turn failed "
