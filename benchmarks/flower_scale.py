@@ -115,7 +115,7 @@ def main(argv=None):
 
     run_config = " ".join(f"{k}={v}" if isinstance(v, int) else f'{k}="{v}"' for k, v in
                           {**common, "goal": "flower"}.items())
-    flower = ["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local-simulation", "--stream",
+    flower = ["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
               "--run-config", run_config, "--federation-config", f"num-supernodes={options.clients}"]
     flower_seconds, flower_peak = run_measured(
         flower, lambda p: [p.pid, *pids_named("flower-superlink --insecure --simulation")])

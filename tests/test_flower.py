@@ -250,7 +250,8 @@ def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_pa
     expected = in_process(small_argv, tmp_path / "main", "FedProto")
     overrides = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in {
         "algorithm": "FedProto", "dataset_dir": str(digits_root), "results_dir": str(tmp_path / "flower")}.items())
-    done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "--stream",
-                           "--run-config", overrides], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
+                           "--federation-config", f"num-supernodes={CLIENTS}", "--run-config", overrides],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_curves(read_curves(tmp_path / "flower", "FedProto"), expected)
