@@ -1,4 +1,5 @@
 """main.py end to end with `Local`, the round loop's flags, and every bad input as a one-line error."""
+import math
 import os
 import shutil
 import subprocess
@@ -170,3 +171,11 @@ def test_cuda_falls_back_to_cpu(small_run, capsys):
     argv[argv.index("-dev") + 1] = "cuda"
     assert experiment.main(argv) == 0
     assert "CUDA is not available here: running on the CPU" in capsys.readouterr().out
+
+
+def test_a_round_without_any_evaluation_is_recorded_as_nan(make_server, capsys):
+    server = make_server("Local")
+    server.evaluate([])  # every client's turn failed (Flower nodes down)
+    assert all(math.isnan(server.history.values[key][-1]) for key in ("rs_test_acc", "rs_test_auc", "rs_train_loss"))
+    assert "no client's evaluation arrived" in capsys.readouterr().out
+    assert server.history.evaluations_since_best() == 0 and math.isnan(server.history.best()[0])

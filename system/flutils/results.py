@@ -48,12 +48,16 @@ class History:
         acc = self.accuracies
         if not acc:
             return float("nan"), -1
-        i = int(np.nanargmax(acc)) if not all(math.isnan(a) for a in acc) else 0
+        i = self.best_index()
         return acc[i], self.values["eval_rounds"][i]
 
-    def evaluations_since_best(self):
+    def best_index(self):
+        """The evaluation with the best accuracy (the first one while all are nan: no evaluation arrived)."""
         acc = self.accuracies
-        return len(acc) - 1 - int(np.nanargmax(acc)) if acc else 0
+        return int(np.nanargmax(acc)) if not all(math.isnan(a) for a in acc) else 0
+
+    def evaluations_since_best(self):
+        return len(self.accuracies) - 1 - self.best_index() if self.accuracies else 0
 
     def state_dict(self):
         return {"values": {k: list(v) for k, v in self.values.items()},
