@@ -204,6 +204,7 @@ def test_every_algorithm_builds_its_clients_through_the_one_hook():
 def test_the_packages_import_without_any_path_setup(tmp_path):
     """A fresh interpreter outside the checkout imports every package: the editable install is enough."""
     code = ("import flcore.servers.serverktl_stylegan_3, flcore.servers.serverktl_stable_diffusion, fldata.cli, "
-            "flutils.experiment, sd_pipelines, compact_stylegan, generator_io; print('ok')")
+            "flutils.experiment, sd_pipelines, compact_stylegan, generator_io, "
+            "flower_app.server_app, flower_app.client_app; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
