@@ -22,7 +22,7 @@ from safetensors.torch import safe_open, save_file
 
 from flutils.errors import UserError
 
-STATE_FILE = re.compile(r"^client_\d{5}_[0-9a-f]{8}\.safetensors$")
+STATE_FILE = re.compile(r"^client_(\d{5})_[0-9a-f]{8}\.safetensors$")
 # Resident state per client, as a multiple of its state modules' tensors: weights, gradients, and headroom for the
 # optimizer and activations; `auto` spills to disk when the estimate exceeds this share of the available memory.
 STATE_MULTIPLE = 3
@@ -147,11 +147,14 @@ class MemoryStore:
 
 
 class DiskStore:
-    """One client resident at a time; the others wait on disk in `folder` (one file per client)."""
+    """One client resident at a time; the others wait on disk in `folder` (one file per client). `owned`: the ids of
+    the clients whose files this store manages when other stores share the folder (parallel workers,
+    flcore/parallel.py); None: every file in the folder is its own."""
     kind = "disk"
 
-    def __init__(self, folder, run_key, keep_for_checkpoints):
+    def __init__(self, folder, run_key, keep_for_checkpoints, owned=None):
         self.folder = folder
+        self.owned = owned
         self.run_key = run_key
         self.keep_for_checkpoints = keep_for_checkpoints
         self.current = {}  # client id -> file holding its latest state
@@ -174,7 +177,8 @@ class DiskStore:
     def sweep(self, keep):
         """Removes the state files in the folder that are not in `keep` (older versions, an earlier run's)."""
         for name in os.listdir(self.folder):
-            if STATE_FILE.match(name) and name not in keep:
+            match = STATE_FILE.match(name)
+            if match and name not in keep and (self.owned is None or int(match.group(1)) in self.owned):
                 os.remove(self.file_path(name))
 
     def add(self, client):
@@ -262,7 +266,8 @@ class DiskStore:
 
     def restore(self, clients, state):
         if state.get("store") == self.kind:
-            files = {int(k): v for k, v in state["files"].items()}
+            own = {client.id for client in clients}
+            files = {int(k): v for k, v in state["files"].items() if int(k) in own}
             missing = [name for name in files.values() if not os.path.isfile(self.file_path(name))]
             if missing:
                 raise UserError(f"the checkpoint refers to client states missing from {self.folder} ({missing[0]}, "
@@ -275,9 +280,9 @@ class DiskStore:
             self.checkpointed = dict(files)
             self.sweep(set(files.values()))
             return
-        for client, client_state in zip(clients, state["states"]):
+        for client in clients:
             with self.loaded(client):
-                client.load_state_dict(client_state)
+                client.load_state_dict(state["states"][client.id])
 
     def checkpoint_written(self):
         """The checkpoint now refers to the current files: the ones only the previous checkpoint used can go."""
@@ -290,5 +295,8 @@ class DiskStore:
         self.sweep(keep)
         self.current = {cid: name for cid, name in self.current.items() if name in keep}
         for folder in (self.folder, os.path.dirname(self.folder)):  # the run's folder, then the store's root
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+            try:
+                if not os.listdir(folder):
+                    os.rmdir(folder)
+            except OSError:  # gone already, or another worker's store wrote into it meanwhile
+                pass

@@ -8,6 +8,7 @@ import torch
 
 from flcore.algorithms import server_class
 from flcore.load_cache import LoadCache
+from flcore.parallel import ClientPool
 from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
@@ -49,11 +50,26 @@ def run_all(args):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        server = server_cls(args, dataset, run, device, cache)
-        if args.resume:
-            server.resume()
-        histories.append(write_run(args, run, server, server.train()))
+        pool = client_pool(args)
+        server = server_cls(args, dataset, run, device, cache, remote=pool)
+        try:
+            if pool is not None:
+                pool.start(server)
+            if args.resume:
+                server.resume()
+            histories.append(write_run(args, run, server, server.train()))
+        finally:
+            if pool is not None:
+                pool.close()
     return summarize_runs(args, histories)
+
+
+def client_pool(args):
+    """With -pc N > 1: N worker processes (at most one per client), sharing this process's CPU threads."""
+    workers = min(args.parallel_clients, args.num_clients)
+    if workers == 1:
+        return None
+    return ClientPool(workers, threads=max(1, torch.get_num_threads() // workers))
 
 
 def write_run(args, run, server, history):

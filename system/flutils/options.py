@@ -68,7 +68,10 @@ def build_parser():
     general.add_argument("--client_state_dir", default="",
                          help="folder of the disk store (default: client_state/ in -sfn, else in --results_dir)")
     general.add_argument("--num_threads", type=int, default=0,
-                         help="CPU threads for torch (0: torch's default)")
+                         help="CPU threads for torch (0: torch's default); with -pc N each worker gets 1/N of them")
+    general.add_argument("-pc", "--parallel_clients", type=int, default=1,
+                         help="clients that train at the same time, in this many worker processes (on CUDA one per "
+                              "GPU, round robin from -did); results are the same as one at a time (1)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
     general.add_argument("--dataset_dir", default=DATASET_DIR)
     general.add_argument("--results_dir", default=RESULTS_DIR)
@@ -129,6 +132,7 @@ def validate(args):
         (0 <= args.prev < args.times, f"-pv must be in [0, -t), got {args.prev}"),
         (args.shots >= 0, f"--shots must be >= 0, got {args.shots}"),
         (args.num_threads >= 0, f"--num_threads must be >= 0, got {args.num_threads}"),
+        (args.parallel_clients >= 1, f"-pc must be >= 1 (1: one client at a time), got {args.parallel_clients}"),
         (args.top_cnt >= 1, f"-tc must be >= 1, got {args.top_cnt}"),
         (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),

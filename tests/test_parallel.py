@@ -1,0 +1,90 @@
+"""Clients in parallel (-pc, flcore/parallel.py): a run with two worker processes equals the sequential run bit for
+bit (curves and checkpointed client states, memory and disk stores); a run killed with -pc resumes, with or
+without -pc; the shares balance the clients' costs; bad values are one-line errors."""
+import numpy as np
+import pytest
+import torch
+
+from flcore.parallel import balanced_shares
+from flcore.servers.serverbase import Server
+from flutils import experiment
+from flutils.results import read_h5
+
+# Stragglers and lost uploads, as in test_client_store.py: clients left behind and replies waiting for them.
+ROUND_FLAGS = ["-gr", "2", "-jr", "0.75", "-cdr", "0.5", "--shots", "20", "--num_threads", "1"]
+ALGORITHM_FLAGS = {
+    "FedKTL-stylegan-3": ["-se", "3", "-sbs", "8", "--image_every", "0"],
+    "FedProto": [],
+}
+CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
+
+
+class Killed(Exception):
+    pass
+
+
+def argv_of(small_run, tmp_path, algorithm, goal, *extra):
+    return small_run("-algo", algorithm, *ROUND_FLAGS, *ALGORITHM_FLAGS[algorithm], "-go", goal,
+                     "-sfn", str(tmp_path / f"ckpt_{goal}"), *extra)
+
+
+def curves(tmp_path, algorithm, goal):
+    return read_h5(str(tmp_path / "results" / f"Digits_{algorithm}_{goal}_0.h5"))
+
+
+def checkpoint(tmp_path, algorithm, goal):
+    return torch.load(tmp_path / f"ckpt_{goal}" / f"Digits_{algorithm}_{goal}_0.pt", weights_only=True)
+
+
+def assert_same_curves(actual, expected):
+    for key in CURVES:
+        assert np.array_equal(actual[key], expected[key], equal_nan=True), key
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_FLAGS))
+def test_two_workers_give_the_sequential_run_bit_for_bit(small_run, tmp_path, algorithm, assert_same_state):
+    assert experiment.main(argv_of(small_run, tmp_path, algorithm, "seq")) == 0
+    assert experiment.main(argv_of(small_run, tmp_path, algorithm, "pc", "-pc", "2")) == 0
+    assert_same_curves(curves(tmp_path, algorithm, "pc"), curves(tmp_path, algorithm, "seq"))
+    sequential, parallel = checkpoint(tmp_path, algorithm, "seq"), checkpoint(tmp_path, algorithm, "pc")
+    assert parallel["clients"]["store"] == "memory" and len(parallel["clients"]["states"]) == 4
+    assert_same_state(parallel["clients"], sequential["clients"])
+    assert_same_state(parallel["pending"], sequential["pending"])
+
+
+@pytest.mark.parametrize("first,second,store", [("2", "2", "disk"), ("2", "1", "memory"), ("1", "2", "memory")])
+def test_a_run_killed_with_parallel_clients_resumes_exactly(small_run, tmp_path, monkeypatch, first, second, store):
+    """Killed after round 1's checkpoint, resumed with the same or another -pc: the uninterrupted curves."""
+    algorithm = "FedKTL-stylegan-3"
+    assert experiment.main(argv_of(small_run, tmp_path, algorithm, "whole")) == 0
+    save = Server.save_checkpoint
+
+    def save_then_die(server):
+        save(server)
+        if server.round == 1:
+            raise Killed
+
+    killed = argv_of(small_run, tmp_path, algorithm, "killed", "--client_state", store)
+    monkeypatch.setattr(Server, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        experiment.main(killed + ["-pc", first])
+    monkeypatch.undo()
+    assert experiment.main(killed + ["-pc", second, "--resume"]) == 0
+    assert_same_curves(curves(tmp_path, algorithm, "killed"), curves(tmp_path, algorithm, "whole"))
+    if store == "disk":  # each worker's store kept its own clients' files, and only those the checkpoint needs
+        files = checkpoint(tmp_path, algorithm, "killed")["clients"]["files"]
+        folder = tmp_path / "ckpt_killed" / "client_state" / f"Digits_{algorithm}_killed_0"
+        assert sorted(files) == [0, 1, 2, 3]
+        assert sorted(path.name for path in folder.glob("*.safetensors")) == sorted(files.values())
+
+
+def test_shares_balance_the_costs():
+    shares = balanced_shares([8.0, 1.0, 8.0, 1.0, 4.0, 4.0], 2)
+    assert shares == [[0, 1, 4], [2, 3, 5]]  # 8 + 4 + 1 each
+    assert sorted(sum(shares, [])) == list(range(6))
+    assert balanced_shares([1.0, 1.0], 3) == [[0], [1], []]
+
+
+def test_a_bad_worker_count_is_a_one_line_error(small_run, error_line):
+    line = error_line(experiment.main, small_run("-pc", "0"))
+    assert "-pc must be >= 1" in line
