@@ -52,6 +52,17 @@ def test_two_workers_give_the_sequential_run_bit_for_bit(small_run, tmp_path, al
     assert_same_state(parallel["pending"], sequential["pending"])
 
 
+def test_spawned_workers_give_the_sequential_run_bit_for_bit(small_run, tmp_path, monkeypatch, assert_same_state):
+    """Workers of more than one thread, and on CUDA, are spawned rather than forked: the same run either way."""
+    algorithm = "FedKTL-stylegan-3"
+    monkeypatch.setattr("flcore.parallel.multiprocessing.get_all_start_methods", lambda: ["spawn"])
+    assert experiment.main(argv_of(small_run, tmp_path, algorithm, "seq")) == 0
+    assert experiment.main(argv_of(small_run, tmp_path, algorithm, "spawned", "-pc", "2")) == 0
+    assert_same_curves(curves(tmp_path, algorithm, "spawned"), curves(tmp_path, algorithm, "seq"))
+    assert_same_state(checkpoint(tmp_path, algorithm, "spawned")["clients"],
+                      checkpoint(tmp_path, algorithm, "seq")["clients"])
+
+
 @pytest.mark.parametrize("first,second,store", [("2", "2", "disk"), ("2", "1", "memory"), ("1", "2", "memory")])
 def test_a_run_killed_with_parallel_clients_resumes_exactly(small_run, tmp_path, monkeypatch, first, second, store):
     """Killed after round 1's checkpoint, resumed with the same or another -pc: the uninterrupted curves."""
