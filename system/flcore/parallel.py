@@ -5,8 +5,10 @@ the replies come back in request order. A turn depends only on its client's stat
 exchange.py), so the results equal sequential training bit for bit when each worker computes with the threads a
 sequential run used (with --num_threads N x T, each worker gets T).
 
-Workers are spawned, not forked: a fresh process inherits no OpenMP pool or CUDA context, and on CUDA worker k
-takes GPU (-did + k) modulo the visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared
+Workers with one CPU thread are forked (instant: they inherit the loaded modules and data); others are spawned,
+since a forked child that runs OpenMP with more than one thread hangs on the parent's thread pool (seen here
+with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k) modulo the
+visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared
 memory to outlive a worker), loaded straight onto the receiver's device."""
 import io
 import multiprocessing
@@ -54,6 +56,7 @@ def serve(connection, setup):
     device = torch.device(setup.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = setup.args.cudnn_benchmark
     server_cls = server_class(setup.args.algorithm)
 
     def answer(work):
@@ -146,7 +149,8 @@ class ClientPool:
         self.device = server.device
         self.shares = balanced_shares(self.client_costs(server), self.workers)
         self.owner = {client_id: worker for worker, share in enumerate(self.shares) for client_id in share}
-        context = multiprocessing.get_context("spawn")
+        forkable = self.threads == 1 and self.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if forkable else "spawn")
         location = server.store_location()
         for worker, share in enumerate(self.shares):
             setup = WorkerSetup(server.args, server.run, str(self.worker_device(worker)), self.threads,
