@@ -146,6 +146,43 @@ class MemoryStore:
         pass
 
 
+class OffloadStore(MemoryStore):
+    """--offload: every client held in CPU memory; its state modules' tensors and optimizer state move to its
+    device for its turn and back afterwards, so the GPU holds one client's model at a time (the data, and small
+    extras outside the state modules such as FedKTL's pairs, stay on the device). Checkpoints are the memory
+    store's. On the CPU every move is to where the tensor already is."""
+
+    def __init__(self, home=torch.device("cpu")):
+        self.home = home
+        self.resident = set()
+
+    def add(self, client):
+        self.move(client, self.home)
+
+    @contextmanager
+    def loaded(self, client, modify=True):
+        if client.id in self.resident:  # nested (a reply during the client's turn): the outer block moves it back
+            yield client
+            return
+        self.move(client, client.device)
+        self.resident.add(client.id)
+        try:
+            yield client
+        finally:
+            self.resident.discard(client.id)
+            self.move(client, self.home)
+
+    @staticmethod
+    def move(client, device):
+        for tensor in state_tensors(client):
+            tensor.data = tensor.data.to(device)
+            tensor.grad = None  # not part of the state: every step starts from zero gradients
+        for values in client.optimizer.state.values():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:  # Adam's step counts stay where they are
+                    values[key] = value.to(device)
+
+
 class DiskStore:
     """One client resident at a time; the others wait on disk in `folder` (one file per client). `owned`: the ids of
     the clients whose files this store manages when other stores share the folder (parallel workers,

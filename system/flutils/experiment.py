@@ -24,6 +24,15 @@ def resolve_device(args):
     return torch.device("cpu")
 
 
+def check_device_flags(args, device):
+    """The speed flags that need CUDA, checked once the device is known; sets cuDNN's algorithm search."""
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA (its grad scaler and fast kernels are CUDA's); use --amp bf16 on the "
+                        "CPU")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+
+
 def run_experiment(args):
     """All runs of one configuration; returns the summary over runs."""
     threads = torch.get_num_threads()
@@ -38,6 +47,7 @@ def run_experiment(args):
 def run_all(args):
     """Every run of the configuration, then the summary over them (see run_experiment)."""
     device = resolve_device(args)
+    check_device_flags(args, device)
     server_cls = server_class(args.algorithm)
     try:
         family = family_models(args.model_family)

@@ -25,8 +25,9 @@ def str2bool(value):
 
 
 def bool_flag(parser, short, long, default, help_text):
-    parser.add_argument(short, long, type=str2bool, nargs="?", const=True, default=default,
-                        metavar="0|1", help=help_text)
+    """A 0|1 flag; `short` None: the long name only."""
+    names = [name for name in (short, long) if name]
+    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="0|1", help=help_text)
 
 
 def build_parser():
@@ -72,6 +73,19 @@ def build_parser():
     general.add_argument("-pc", "--parallel_clients", type=int, default=1,
                          help="clients that train at the same time, in this many worker processes (on CUDA one per "
                               "GPU, round robin from -did); results are the same as one at a time (1)")
+    speed = p.add_argument_group("speed (README \"Speed\"; off by default: results as without them unless said)")
+    speed.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                       help="mixed precision of the clients' training steps: autocast to bf16 (CPU or CUDA) or fp16 "
+                            "(CUDA, with a grad scaler); changes results within the tolerance README states")
+    bool_flag(speed, None, "--compile", False,
+              "torch.compile each client's model (compile time lands in its first turns); results may differ in "
+              "the last bits")
+    bool_flag(speed, None, "--offload", False,
+              "client models and optimizer state wait in CPU memory between turns and move to the GPU only for "
+              "their turn (many large clients on one GPU); same results; nothing to move on the CPU")
+    bool_flag(speed, None, "--cudnn_benchmark", False,
+              "let cuDNN time its convolution algorithms and keep the fastest (CUDA; results may differ between "
+              "runs in the last bits)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
     general.add_argument("--dataset_dir", default=DATASET_DIR)
     general.add_argument("--results_dir", default=RESULTS_DIR)

@@ -14,6 +14,7 @@ from flcore.client_store import (
     STATE_MULTIPLE,
     DiskStore,
     MemoryStore,
+    OffloadStore,
     available_memory_bytes,
     state_bytes,
 )
@@ -25,8 +26,8 @@ from flutils.results import History, run_name
 
 # Flags that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
-                     "image_every", "num_threads", "parallel_clients", "global_rounds", "auto_break", "top_cnt",
-                     "goal", "dataset_dir", "client_state", "client_state_dir"}
+                     "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
+                     "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1
@@ -40,7 +41,7 @@ def build_clients(server_cls, args, run, device, image_shape, data, slow_train, 
     memory). Used for all of a run's clients (Server) and for a worker's share of them (flcore/parallel.py)."""
     only_own = len(data) < args.num_clients
     open_disk = lambda: DiskStore(*store_location, owned=set(data) if only_own else None)  # noqa: E731
-    store = open_disk() if args.client_state == "disk" else MemoryStore()
+    store = open_disk() if args.client_state == "disk" else OffloadStore() if args.offload else MemoryStore()
     clients, state_sizes = {}, []
     for client_id, client_data in data.items():
         setup = client_setup(args, client_data, client_id, run, device, image_shape,
