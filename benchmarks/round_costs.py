@@ -134,6 +134,9 @@ def main_cli(argv=None):
     for phase, seconds in rows.items():
         print(f"| {phase} | {seconds:.3f} | {seconds / rows['whole round'] * 100:.0f} % |")
     print(f"| outside the rounds (data, clients, workers, generator, final evaluation) | {other:.1f} s in all | |")
+    by_round = ", ".join(f"{seconds:.2f}" for seconds in data["time_train"])
+    compiled = "; compilation (--compile) is round 0's excess over the later rounds" if args.compile else ""
+    print(f"\ntrain seconds by round: {by_round}{compiled}")
     models = per_model_rows(args, recorder)
     phases = [phase for phase in PHASES if any(phase in seconds for _, seconds, _ in models.values())]
     print(f"\n| client model | clients | {' | '.join(f'{p} s per turn' for p in phases)} | peak CUDA per turn |")
