@@ -67,3 +67,18 @@ def test_offload_holds_the_state_at_home_between_turns(make_server):
 def test_the_data_lives_where_the_client_computes(make_server):
     client = make_server("Local").clients[0]
     assert client.train_x.device == client.device and client.test_y.device == torch.device("cpu")
+
+
+def test_channels_last_survives_the_disk_store_and_stays_close(small_run, make_server):
+    plain = curves(small_run, "plain", "-gr", "1")
+    memory = curves(small_run, "nhwc_memory", "-gr", "1", "--channels_last", "1", "--client_state", "memory")
+    disk = curves(small_run, "nhwc_disk", "-gr", "1", "--channels_last", "1", "--client_state", "disk")
+    for key in CURVES:
+        assert np.array_equal(disk[key], memory[key], equal_nan=True), key
+    assert np.all(np.abs(memory["rs_test_acc"] - plain["rs_test_acc"]) <= 0.05)
+    server = make_server("Local", "--channels_last", "1", "--client_state", "disk")
+    client = server.clients[0]
+    with server.store.loaded(client, modify=False):
+        weights = [p for p in client.model.parameters() if p.dim() == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    server.store.close()

@@ -196,7 +196,7 @@ class DiskStore:
         self.keep_for_checkpoints = keep_for_checkpoints
         self.current = {}  # client id -> file holding its latest state
         self.checkpointed = {}  # client id -> file the last checkpoint refers to
-        self.shapes = {}  # client id -> (shape, dtype) of each state tensor, to allocate them again
+        self.shapes = {}  # client id -> (shape, strides, dtype) of each state tensor, to allocate them again
         self.resident = set()  # ids of the clients inside `loaded` now
         try:
             os.makedirs(folder, exist_ok=True)
@@ -283,14 +283,15 @@ class DiskStore:
 
     def load(self, client):
         state = self.read(self.file_path(self.current[client.id]), self.run_key, client.id)
-        for tensor, (shape, dtype) in zip(state_tensors(client), self.shapes[client.id]):
-            tensor.data = torch.empty(shape, dtype=dtype, device=client.device)
+        for tensor, (shape, strides, dtype) in zip(state_tensors(client), self.shapes[client.id]):
+            # The same strides: a channels-last model stays channels-last.
+            tensor.data = torch.empty_strided(shape, strides, dtype=dtype, device=client.device)
         client.load_state_dict(state)
 
     def release(self, client):
         holders = state_tensors(client)
         if client.id not in self.shapes:
-            self.shapes[client.id] = [(tuple(t.shape), t.dtype) for t in holders]
+            self.shapes[client.id] = [(tuple(t.shape), t.stride(), t.dtype) for t in holders]
         for tensor in holders:
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             tensor.grad = None  # not part of the state: every step starts from zero gradients

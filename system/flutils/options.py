@@ -80,6 +80,9 @@ def build_parser():
     bool_flag(speed, None, "--compile", False,
               "torch.compile each client's model (compile time lands in its first turns); results may differ in "
               "the last bits")
+    bool_flag(speed, None, "--channels_last", False,
+              "client models in the channels-last memory layout: faster convolutions for some models and slower for "
+              "others (README \"Speed\"); results differ in the last bits")
     bool_flag(speed, None, "--offload", False,
               "client models and optimizer state wait in CPU memory between turns and move to the GPU only for "
               "their turn (many large clients on one GPU); same results; nothing to move on the CPU")

@@ -56,6 +56,7 @@ class ClientSetup:
     train_slow: bool = False
     amp: str = "off"  # --amp: off, bf16 or fp16 autocast of the training steps
     compile_model: bool = False  # --compile: torch.compile the model's forward
+    channels_last: bool = False  # --channels_last: the model's 4-d weights (and so its activations) NHWC
 
 
 def client_setup(args, data, client_id, run, device, image_shape, train_slow=False):
@@ -68,7 +69,7 @@ def client_setup(args, data, client_id, run, device, image_shape, train_slow=Fal
     return ClientSetup(
         client_id=client_id, model=model, data=data, seed=seed, device=device, num_classes=args.num_classes,
         batch_size=args.batch_size, local_epochs=args.local_epochs, learning_rate=args.local_learning_rate,
-        train_slow=train_slow, amp=args.amp, compile_model=args.compile,
+        train_slow=train_slow, amp=args.amp, compile_model=args.compile, channels_last=args.channels_last,
         learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
 
 
@@ -82,6 +83,8 @@ class Client:
         self.seed = setup.seed
         self.device = setup.device
         self.model = setup.model.to(setup.device)
+        if setup.channels_last:  # convolutions then take and give NHWC activations
+            self.model.to(memory_format=torch.channels_last)
         if setup.compile_model:
             self.model.compile()  # in place: the state_dict keeps its keys, so checkpoints and stores are unchanged
         self.num_classes = setup.num_classes
