@@ -131,7 +131,10 @@ class ClientPool:
         self.device = torch.device("cpu")
 
     def client_costs(self, server):
-        """Each client's training cost, estimated as its model's forward FLOPs times its training samples."""
+        """Each client's training cost, estimated as its model's forward FLOPs times its training samples:
+        deterministic and free. A timed training step per model was tried and ranked the models worse on this
+        shared 2-core machine (single steps are noisy, and a turn also holds FedKTL's transfer step, evaluation and
+        the prototype pass); FLOPs miss that depthwise and NHWC convolutions cost more or less per FLOP."""
         family_size = len(family_models(server.args.model_family))
         flops = {}
         costs = []
@@ -171,7 +174,8 @@ class ClientPool:
             kind = "disk" if any(kind == "disk" for kind, _ in built) else "memory"
             tqdm.write(store_choice_line(kind, location[0], sizes, server.num_clients))
         tqdm.write(f"clients in {self.workers} worker processes ({self.threads} CPU thread(s) each): "
-                   + "; ".join(f"{len(share)} client(s)" for share in self.shares))
+                   + "; ".join(f"clients {', '.join(map(str, share))}" if len(share) <= 8 else f"{len(share)} clients"
+                               for share in self.shares))
 
     def worker_device(self, worker):
         if self.device.type != "cuda":
