@@ -1,6 +1,9 @@
 """Clients in parallel (-pc, flcore/parallel.py): a run with two worker processes equals the sequential run bit for
-bit (curves and checkpointed client states, memory and disk stores); a run killed with -pc resumes, with or
-without -pc; the shares balance the clients' costs; bad values are one-line errors."""
+bit (curves and checkpointed client states, memory and disk stores, forked and spawned workers); a run killed
+with -pc resumes, with or without -pc; the shares balance the clients' costs; bad values and a worker's errors
+are one-line errors."""
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from flcore.parallel import balanced_shares
 from flcore.servers.serverbase import Server
 from flutils import experiment
+from flutils.errors import UserError
 from flutils.results import read_h5
 
 # Stragglers and lost uploads, as in test_client_store.py: clients left behind and replies waiting for them.
@@ -99,3 +103,21 @@ def test_shares_balance_the_costs():
 def test_a_bad_worker_count_is_a_one_line_error(small_run, error_line):
     line = error_line(experiment.main, small_run("-pc", "0"))
     assert "-pc must be >= 1" in line
+
+
+def test_a_workers_error_is_one_line_and_ends_every_worker(small_run, monkeypatch, error_line):
+    """A client that cannot be built in its worker (forked: it inherits this patch) stops the run with the
+    worker's one-line message, and no worker is left behind."""
+    from flcore.servers.serverproto import ServerFedProto
+
+    build = ServerFedProto.new_client.__func__
+
+    def refuse_client_3(cls, setup, spec):
+        if setup.client_id == 3:
+            raise UserError("client 3 cannot take part; use another family")
+        return build(cls, setup, spec)
+
+    monkeypatch.setattr(ServerFedProto, "new_client", classmethod(refuse_client_3))
+    line = error_line(experiment.main, small_run("-algo", "FedProto", "-pc", "2", "--num_threads", "1"))
+    assert "client 3 cannot take part" in line
+    assert multiprocessing.active_children() == []

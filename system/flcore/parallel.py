@@ -1,6 +1,6 @@
 """Clients trained in parallel (-pc N): the Server's `remote` is a pool of N worker processes, each owning a fixed
 share of the clients, built there exactly as Server builds them (serverbase.build_clients) and kept in the
-worker's own store (memory or disk). A round's turns go to their owners at once and run with the same take_turn;
+worker's own store (memory, --offload or disk). A round's turns go to their owners at once and run with the same take_turn;
 the replies come back in request order. A turn depends only on its client's state and its request (flcore/
 exchange.py), so the results equal sequential training bit for bit when each worker computes with the threads a
 sequential run used (with --num_threads N x T, each worker gets T).
@@ -8,8 +8,8 @@ sequential run used (with --num_threads N x T, each worker gets T).
 Workers with one CPU thread are forked (instant: they inherit the loaded modules and data); others are spawned,
 since a forked child that runs OpenMP with more than one thread hangs on the parent's thread pool (seen here
 with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k) modulo the
-visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared
-memory to outlive a worker), loaded straight onto the receiver's device."""
+visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared memory to outlive a worker), loaded
+straight onto the receiver's device."""
 import io
 import multiprocessing
 import traceback
@@ -199,10 +199,11 @@ class ClientPool:
         return result
 
     def broadcast(self, command, body=None):
-        """The same command to every worker at once; their results in worker order."""
-        for worker in range(self.workers):
+        """The same command to every worker started so far, at once; their results in worker order."""
+        started = range(len(self.connections))
+        for worker in started:
             self.send(worker, command, body)
-        return [self.receive(worker) for worker in range(self.workers)]
+        return [self.receive(worker) for worker in started]
 
     def run_turns(self, requests):
         by_worker = [{} for _ in range(self.workers)]
@@ -237,10 +238,13 @@ class ClientPool:
         self.broadcast("checkpoint_written")
 
     def close(self):
-        """Ends the workers: each closes its store first (a disk store keeps what the last checkpoint needs)."""
+        """Ends the workers: each closes its store first (a disk store keeps what the last checkpoint needs). A
+        worker that is gone or failing (a crash, Ctrl-C) is not waited for: the run stops with the error that
+        ended it, not with this one."""
         try:
-            if all(process.is_alive() for process in self.processes):
-                self.broadcast("close")
+            self.broadcast("close")
+        except (RuntimeError, OSError, UserError):
+            pass
         finally:
             for process in self.processes:
                 process.join(timeout=10)
