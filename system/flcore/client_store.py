@@ -22,7 +22,7 @@ from safetensors.torch import safe_open, save_file
 
 from flutils.errors import UserError
 
-STATE_FILE = re.compile(r"^client_\d{5}_[0-9a-f]{8}\.safetensors$")
+STATE_FILE = re.compile(r"^client_(\d{5})_[0-9a-f]{8}\.safetensors$")
 # Resident state per client, as a multiple of its state modules' tensors: weights, gradients, and headroom for the
 # optimizer and activations; `auto` spills to disk when the estimate exceeds this share of the available memory.
 STATE_MULTIPLE = 3
@@ -146,17 +146,57 @@ class MemoryStore:
         pass
 
 
+class OffloadStore(MemoryStore):
+    """--offload: every client held in CPU memory; its state modules' tensors and optimizer state move to its
+    device for its turn and back afterwards, so the GPU holds one client's model at a time (the data, and small
+    extras outside the state modules such as FedKTL's pairs, stay on the device). Checkpoints are the memory
+    store's. On the CPU every move is to where the tensor already is."""
+
+    def __init__(self, home=torch.device("cpu")):
+        self.home = home
+        self.resident = set()
+
+    def add(self, client):
+        self.move(client, self.home)
+
+    @contextmanager
+    def loaded(self, client, modify=True):
+        if client.id in self.resident:  # nested (a reply during the client's turn): the outer block moves it back
+            yield client
+            return
+        self.move(client, client.device)
+        self.resident.add(client.id)
+        try:
+            yield client
+        finally:
+            self.resident.discard(client.id)
+            self.move(client, self.home)
+
+    @staticmethod
+    def move(client, device):
+        for tensor in state_tensors(client):
+            tensor.data = tensor.data.to(device)
+            tensor.grad = None  # not part of the state: every step starts from zero gradients
+        for values in client.optimizer.state.values():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:  # Adam's step counts stay where they are
+                    values[key] = value.to(device)
+
+
 class DiskStore:
-    """One client resident at a time; the others wait on disk in `folder` (one file per client)."""
+    """One client resident at a time; the others wait on disk in `folder` (one file per client). `owned`: the ids of
+    the clients whose files this store manages when other stores share the folder (parallel workers,
+    flcore/parallel.py); None: every file in the folder is its own."""
     kind = "disk"
 
-    def __init__(self, folder, run_key, keep_for_checkpoints):
+    def __init__(self, folder, run_key, keep_for_checkpoints, owned=None):
         self.folder = folder
+        self.owned = owned
         self.run_key = run_key
         self.keep_for_checkpoints = keep_for_checkpoints
         self.current = {}  # client id -> file holding its latest state
         self.checkpointed = {}  # client id -> file the last checkpoint refers to
-        self.shapes = {}  # client id -> (shape, dtype) of each state tensor, to allocate them again
+        self.shapes = {}  # client id -> (shape, strides, dtype) of each state tensor, to allocate them again
         self.resident = set()  # ids of the clients inside `loaded` now
         try:
             os.makedirs(folder, exist_ok=True)
@@ -174,7 +214,8 @@ class DiskStore:
     def sweep(self, keep):
         """Removes the state files in the folder that are not in `keep` (older versions, an earlier run's)."""
         for name in os.listdir(self.folder):
-            if STATE_FILE.match(name) and name not in keep:
+            match = STATE_FILE.match(name)
+            if match and name not in keep and (self.owned is None or int(match.group(1)) in self.owned):
                 os.remove(self.file_path(name))
 
     def add(self, client):
@@ -242,14 +283,15 @@ class DiskStore:
 
     def load(self, client):
         state = self.read(self.file_path(self.current[client.id]), self.run_key, client.id)
-        for tensor, (shape, dtype) in zip(state_tensors(client), self.shapes[client.id]):
-            tensor.data = torch.empty(shape, dtype=dtype, device=client.device)
+        for tensor, (shape, strides, dtype) in zip(state_tensors(client), self.shapes[client.id]):
+            # The same strides: a channels-last model stays channels-last.
+            tensor.data = torch.empty_strided(shape, strides, dtype=dtype, device=client.device)
         client.load_state_dict(state)
 
     def release(self, client):
         holders = state_tensors(client)
         if client.id not in self.shapes:
-            self.shapes[client.id] = [(tuple(t.shape), t.dtype) for t in holders]
+            self.shapes[client.id] = [(tuple(t.shape), t.stride(), t.dtype) for t in holders]
         for tensor in holders:
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             tensor.grad = None  # not part of the state: every step starts from zero gradients
@@ -262,7 +304,8 @@ class DiskStore:
 
     def restore(self, clients, state):
         if state.get("store") == self.kind:
-            files = {int(k): v for k, v in state["files"].items()}
+            own = {client.id for client in clients}
+            files = {int(k): v for k, v in state["files"].items() if int(k) in own}
             missing = [name for name in files.values() if not os.path.isfile(self.file_path(name))]
             if missing:
                 raise UserError(f"the checkpoint refers to client states missing from {self.folder} ({missing[0]}, "
@@ -275,9 +318,9 @@ class DiskStore:
             self.checkpointed = dict(files)
             self.sweep(set(files.values()))
             return
-        for client, client_state in zip(clients, state["states"]):
+        for client in clients:
             with self.loaded(client):
-                client.load_state_dict(client_state)
+                client.load_state_dict(state["states"][client.id])
 
     def checkpoint_written(self):
         """The checkpoint now refers to the current files: the ones only the previous checkpoint used can go."""
@@ -290,5 +333,8 @@ class DiskStore:
         self.sweep(keep)
         self.current = {cid: name for cid, name in self.current.items() if name in keep}
         for folder in (self.folder, os.path.dirname(self.folder)):  # the run's folder, then the store's root
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+            try:
+                if not os.listdir(folder):
+                    os.rmdir(folder)
+            except OSError:  # gone already, or another worker's store wrote into it meanwhile
+                pass

@@ -8,6 +8,7 @@ import torch
 
 from flcore.algorithms import server_class
 from flcore.load_cache import LoadCache
+from flcore.parallel import ClientPool
 from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
@@ -21,6 +22,15 @@ def resolve_device(args):
             return torch.device(f"cuda:{args.device_id}")
         print("CUDA is not available here: running on the CPU (pass -dev cpu to silence this).")
     return torch.device("cpu")
+
+
+def check_device_flags(args, device):
+    """The speed flags that need CUDA, checked once the device is known; sets cuDNN's algorithm search."""
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA (its grad scaler and fast kernels are CUDA's); use --amp bf16 on the "
+                        "CPU")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 
 def run_experiment(args):
@@ -37,6 +47,7 @@ def run_experiment(args):
 def run_all(args):
     """Every run of the configuration, then the summary over them (see run_experiment)."""
     device = resolve_device(args)
+    check_device_flags(args, device)
     server_cls = server_class(args.algorithm)
     try:
         family = family_models(args.model_family)
@@ -49,11 +60,26 @@ def run_all(args):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        server = server_cls(args, dataset, run, device, cache)
-        if args.resume:
-            server.resume()
-        histories.append(write_run(args, run, server, server.train()))
+        pool = client_pool(args)
+        server = server_cls(args, dataset, run, device, cache, remote=pool)
+        try:
+            if pool is not None:
+                pool.start(server)
+            if args.resume:
+                server.resume()
+            histories.append(write_run(args, run, server, server.train()))
+        finally:
+            if pool is not None:
+                pool.close()
     return summarize_runs(args, histories)
+
+
+def client_pool(args):
+    """With -pc N > 1: N worker processes (at most one per client), sharing this process's CPU threads."""
+    workers = min(args.parallel_clients, args.num_clients)
+    if workers == 1:
+        return None
+    return ClientPool(workers, threads=max(1, torch.get_num_threads() // workers))
 
 
 def write_run(args, run, server, history):

@@ -25,8 +25,9 @@ def str2bool(value):
 
 
 def bool_flag(parser, short, long, default, help_text):
-    parser.add_argument(short, long, type=str2bool, nargs="?", const=True, default=default,
-                        metavar="0|1", help=help_text)
+    """A 0|1 flag; `short` None: the long name only."""
+    names = [name for name in (short, long) if name]
+    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="0|1", help=help_text)
 
 
 def build_parser():
@@ -68,7 +69,26 @@ def build_parser():
     general.add_argument("--client_state_dir", default="",
                          help="folder of the disk store (default: client_state/ in -sfn, else in --results_dir)")
     general.add_argument("--num_threads", type=int, default=0,
-                         help="CPU threads for torch (0: torch's default)")
+                         help="CPU threads for torch (0: torch's default); with -pc N each worker gets 1/N of them")
+    general.add_argument("-pc", "--parallel_clients", type=int, default=1,
+                         help="clients that train at the same time, in this many worker processes (on CUDA one per "
+                              "GPU, round robin from -did); results are the same as one at a time (1)")
+    speed = p.add_argument_group("speed (README \"Speed\"; off by default: results as without them unless said)")
+    speed.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                       help="mixed precision of the clients' training steps: autocast to bf16 (CPU or CUDA) or fp16 "
+                            "(CUDA, with a grad scaler); changes results within the tolerance README states")
+    bool_flag(speed, None, "--compile", False,
+              "torch.compile each client's model (compile time lands in its first turns); results may differ in "
+              "the last bits")
+    bool_flag(speed, None, "--channels_last", False,
+              "client models in the channels-last memory layout: faster convolutions for some models and slower for "
+              "others (README \"Speed\"); results differ in the last bits")
+    bool_flag(speed, None, "--offload", False,
+              "client models and optimizer state wait in CPU memory between turns and move to the GPU only for "
+              "their turn (many large clients on one GPU); same results; nothing to move on the CPU")
+    bool_flag(speed, None, "--cudnn_benchmark", False,
+              "let cuDNN time its convolution algorithms and keep the fastest (CUDA; results may differ between "
+              "runs in the last bits)")
     general.add_argument("--seed", type=int, default=0, help="base seed; run r and client i derive their own")
     general.add_argument("--dataset_dir", default=DATASET_DIR)
     general.add_argument("--results_dir", default=RESULTS_DIR)
@@ -129,6 +149,7 @@ def validate(args):
         (0 <= args.prev < args.times, f"-pv must be in [0, -t), got {args.prev}"),
         (args.shots >= 0, f"--shots must be >= 0, got {args.shots}"),
         (args.num_threads >= 0, f"--num_threads must be >= 0, got {args.num_threads}"),
+        (args.parallel_clients >= 1, f"-pc must be >= 1 (1: one client at a time), got {args.parallel_clients}"),
         (args.top_cnt >= 1, f"-tc must be >= 1, got {args.top_cnt}"),
         (args.server_epochs >= 1, f"-se must be >= 1, got {args.server_epochs}"),
         (not args.resume or args.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),

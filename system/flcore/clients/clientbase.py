@@ -12,6 +12,8 @@ from flcore.per_class import add_per_class
 from flcore.trainmodel import build_family_model
 
 EVAL_BATCH = 256
+# --amp: the autocast dtype of local training (None: full precision).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def shuffled_batches(num_samples, batch_size, generator):
@@ -52,6 +54,9 @@ class ClientSetup:
     learning_rate: float
     learning_rate_decay: float | None = None  # per-round factor of the learning rate; None: constant
     train_slow: bool = False
+    amp: str = "off"  # --amp: off, bf16 or fp16 autocast of the training steps
+    compile_model: bool = False  # --compile: torch.compile the model's forward
+    channels_last: bool = False  # --channels_last: the model's 4-d weights (and so its activations) NHWC
 
 
 def client_setup(args, data, client_id, run, device, image_shape, train_slow=False):
@@ -64,7 +69,7 @@ def client_setup(args, data, client_id, run, device, image_shape, train_slow=Fal
     return ClientSetup(
         client_id=client_id, model=model, data=data, seed=seed, device=device, num_classes=args.num_classes,
         batch_size=args.batch_size, local_epochs=args.local_epochs, learning_rate=args.local_learning_rate,
-        train_slow=train_slow,
+        train_slow=train_slow, amp=args.amp, compile_model=args.compile, channels_last=args.channels_last,
         learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
 
 
@@ -78,10 +83,17 @@ class Client:
         self.seed = setup.seed
         self.device = setup.device
         self.model = setup.model.to(setup.device)
+        if setup.channels_last:  # convolutions then take and give NHWC activations
+            self.model.to(memory_format=torch.channels_last)
+        if setup.compile_model:
+            self.model.compile()  # in place: the state_dict keeps its keys, so checkpoints and stores are unchanged
         self.num_classes = setup.num_classes
         data = setup.data
-        self.train_x, self.train_y = data.train_x, data.train_y
-        self.test_x, self.test_y = data.test_x, data.test_y
+        # On CUDA the data lives on the GPU (one copy, no host-to-device copy per batch); the test labels stay on
+        # the CPU, where the scores are compared and ranked.
+        resident = setup.device if setup.device.type == "cuda" else torch.device("cpu")
+        self.train_x, self.train_y = data.train_x.to(resident), data.train_y.to(resident)
+        self.test_x, self.test_y = data.test_x.to(resident), data.test_y
         self.batch_size = setup.batch_size
         self.local_epochs = setup.local_epochs
         self.train_slow = setup.train_slow
@@ -89,6 +101,9 @@ class Client:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=setup.learning_rate)
         self.scheduler = (torch.optim.lr_scheduler.ExponentialLR(self.optimizer, setup.learning_rate_decay)
                           if setup.learning_rate_decay is not None else None)
+        self.amp_dtype = AMP_DTYPES[setup.amp]
+        # fp16 needs its gradients scaled against underflow; bf16 has fp32's range and needs no scaler.
+        self.scaler = torch.amp.GradScaler(setup.device.type) if setup.amp == "fp16" else None
         self.last_train_loss = float("nan")
         self.batches_last_round = 0
         self.grad_norms = []  # pre-clip gradient norms of the last round's steps (clipping clients only)
@@ -123,11 +138,28 @@ class Client:
 
     def optimizer_step(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         if self.grad_clip is not None:
+            self.unscale_gradients()
             norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
             self.grad_norms.append(norm.detach())
-        self.optimizer.step()
+        self.apply_gradients()
+
+    def backward(self, loss):
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale_gradients(self):
+        """The gradients at their true scale (fp16's grad scaler multiplies them), before they are clipped."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def apply_gradients(self):
+        """The optimizer's step (with fp16: skipped when a gradient overflowed, and the scale adapted)."""
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def trainable_parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -135,16 +167,18 @@ class Client:
     def train(self):
         self.model.train()
         self.grad_norms = []
-        total, steps = 0.0, 0
+        # Summed in float64 on the device, as Python would sum loss.item(), without a device sync per step.
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for _ in range(self.epochs_this_round()):
             for x, y in self.train_batches():
-                loss = self.training_loss(x, y)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = self.training_loss(x, y)
                 self.optimizer_step(loss)
-                total += loss.item()
+                total += loss.detach()
                 steps += 1
         if self.scheduler is not None:
             self.scheduler.step()
-        self.last_train_loss = total / max(steps, 1)
+        self.last_train_loss = float(total) / max(steps, 1)
         self.batches_last_round = steps
 
     @torch.no_grad()
@@ -195,6 +229,7 @@ class Client:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "generator": self.generator.get_state(),
             "last_train_loss": self.last_train_loss,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def load_state_dict(self, state):
@@ -204,3 +239,5 @@ class Client:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.last_train_loss = state["last_train_loss"]
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])

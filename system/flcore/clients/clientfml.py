@@ -48,10 +48,11 @@ class ClientFML(Client):
 
     def optimizer_step(self, loss):
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
+        self.unscale_gradients()
         for module in (self.model, self.meme):
             torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
-        self.optimizer.step()
+        self.apply_gradients()
 
     def state_modules(self):
         return [self.model, self.meme]

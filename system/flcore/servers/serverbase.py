@@ -14,6 +14,7 @@ from flcore.client_store import (
     STATE_MULTIPLE,
     DiskStore,
     MemoryStore,
+    OffloadStore,
     available_memory_bytes,
     state_bytes,
 )
@@ -25,12 +26,68 @@ from flutils.results import History, run_name
 
 # Flags that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE_FLAGS = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
-                     "image_every", "num_threads", "global_rounds", "auto_break", "top_cnt", "goal", "dataset_dir",
-                     "client_state", "client_state_dir"}
+                     "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
+                     "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1
 SLOW_SEND_DELAY = 0.1
+
+
+def build_clients(server_cls, args, run, device, image_shape, data, slow_train, spec, store_location):
+    """{client id: client} for the partitions `data` ({client id: ClientData}), each built from its own seed as
+    `server_cls.new_client` builds it, and the store they wait in: memory or disk as --client_state says (auto:
+    disk once the state of all -nc clients, extrapolated from those built so far, would not fit the available
+    memory). Used for all of a run's clients (Server) and for a worker's share of them (flcore/parallel.py)."""
+    only_own = len(data) < args.num_clients
+    open_disk = lambda: DiskStore(*store_location, owned=set(data) if only_own else None)  # noqa: E731
+    store = open_disk() if args.client_state == "disk" else OffloadStore() if args.offload else MemoryStore()
+    clients, state_sizes = {}, []
+    for client_id, client_data in data.items():
+        setup = client_setup(args, client_data, client_id, run, device, image_shape,
+                             train_slow=client_id in slow_train)
+        client = server_cls.new_client(setup, spec)
+        state_sizes.append(state_bytes(client))
+        clients[client_id] = client
+        store.add(client)
+        if args.client_state == "auto" and store.kind == "memory" and not fits_in_memory(state_sizes,
+                                                                                        args.num_clients):
+            store = open_disk()
+            for built in clients.values():
+                store.add(built)
+    return clients, store
+
+
+def estimated_state_bytes(state_sizes, num_clients):
+    """Resident memory of `num_clients` clients in memory, extrapolated from the states of those built so far."""
+    return STATE_MULTIPLE * sum(state_sizes) * num_clients / len(state_sizes)
+
+
+def fits_in_memory(state_sizes, num_clients):
+    available = available_memory_bytes()
+    return available is None or estimated_state_bytes(state_sizes, num_clients) <= AVAILABLE_SHARE * available
+
+
+def store_choice_line(kind, folder, state_sizes, num_clients):
+    """The one line --client_state auto prints: where the client state lives (`kind`, a disk store's `folder`),
+    and why."""
+    where = "memory" if kind == "memory" else f"disk ({folder})"
+    available = available_memory_bytes()
+    return (f"client state: {where}; estimated {estimated_state_bytes(state_sizes, num_clients) / 2**30:.1f} GiB "
+            f"resident for {num_clients} clients, "
+            f"{available / 2**30 if available else float('nan'):.1f} GiB available (--client_state chooses)")
+
+
+def run_client_turns(clients, store, requests, upload_phase, progress=False):
+    """The turns of `requests` ({client id: TurnRequest}) on `clients` ({client id: client}), in order, each client
+    resident in `store` for its turn; returns {client id: TurnReply}."""
+    replies = {}
+    turns = tqdm(requests.items(), desc="clients", unit="client", leave=False) if progress else requests.items()
+    for client_id, request in turns:
+        client = clients[client_id]
+        with store.loaded(client, modify=bool(request.payloads) or request.train):
+            replies[client_id] = take_turn(client, request, upload_phase)
+    return replies
 
 
 class PhaseTimer:
@@ -102,46 +159,23 @@ class Server:
 
     def build_clients(self):
         """This process's clients, one per partition, in memory or on disk as --client_state says."""
-        args = self.args
-        self.clients = []
-        self.store = self.open_store() if args.client_state == "disk" else MemoryStore()
-        state_sizes = []
-        for i in range(self.num_clients):
-            setup = client_setup(args, self.dataset.clients[i], i, self.run, self.device, self.dataset.image_shape,
-                                 train_slow=i in self.slow_train)
-            client = self.new_client(setup, self.spec)
-            state_sizes.append(state_bytes(client))
-            self.clients.append(client)
-            self.store.add(client)
-            if args.client_state == "auto" and self.store.kind == "memory" and not self.fits_in_memory(state_sizes):
-                self.store = self.open_store()
-                for built in self.clients:
-                    self.store.add(built)
+        clients, self.store = build_clients(type(self), self.args, self.run, self.device, self.dataset.image_shape,
+                                            dict(enumerate(self.dataset.clients[:self.num_clients])),
+                                            self.slow_train, self.spec, self.store_location())
+        self.clients = list(clients.values())
         torch.manual_seed(self.seed)
-        if args.client_state == "auto":
-            where = "memory" if self.store.kind == "memory" else f"disk ({self.store.folder})"
-            available = available_memory_bytes()
-            tqdm.write(f"client state: {where}; estimated {self.estimated_state_bytes(state_sizes) / 2**30:.1f} GiB "
-                       f"resident for {self.num_clients} clients, "
-                       f"{available / 2**30 if available else float('nan'):.1f} GiB available (--client_state chooses)")
+        if self.args.client_state == "auto":
+            tqdm.write(store_choice_line(self.store.kind, getattr(self.store, "folder", None),
+                                         [state_bytes(client) for client in self.clients], self.num_clients))
 
-    def estimated_state_bytes(self, state_sizes):
-        """Resident memory of all clients in memory, extrapolated from the clients built so far."""
-        return STATE_MULTIPLE * sum(state_sizes) * self.num_clients / len(state_sizes)
-
-    def fits_in_memory(self, state_sizes):
-        available = available_memory_bytes()
-        return available is None or self.estimated_state_bytes(state_sizes) <= AVAILABLE_SHARE * available
-
-    def open_store(self):
-        """A disk store in this run's folder under --client_state_dir (default: client_state/ beside the
-        checkpoints, else beside the results)."""
+    def store_location(self):
+        """(folder, run key, keep files for checkpoints) of this run's disk store: a folder under
+        --client_state_dir (default: client_state/ beside the checkpoints, else beside the results)."""
         args = self.args
         root = args.client_state_dir or os.path.join(args.save_folder_name or args.results_dir, "client_state")
         run_key = hashlib.sha256(json.dumps([self.fingerprint(), self.run], sort_keys=True, default=str)
                                  .encode()).hexdigest()[:16]
-        return DiskStore(os.path.join(root, run_name(args, self.run)), run_key,
-                         keep_for_checkpoints=bool(args.save_folder_name))
+        return os.path.join(root, run_name(args, self.run)), run_key, bool(args.save_folder_name)
 
     @classmethod
     def add_flags(cls, parser):
@@ -260,13 +294,10 @@ class Server:
     def run_turns(self, requests):
         """The turns of `requests` ({client id: TurnRequest}) in order, one client resident at a time; returns
         {client id: TurnReply}. A turn touches only its client's own state, so the order does not change results;
-        Flower's engine runs them on the nodes instead (system/flower/)."""
-        replies = {}
-        for client_id, request in tqdm(requests.items(), desc="clients", unit="client", leave=False):
-            client = self.clients[client_id]
-            with self.store.loaded(client, modify=bool(request.payloads) or request.train):
-                replies[client_id] = take_turn(client, request, self.upload_phase)
-        return replies
+        Flower's engine runs them on the nodes instead (system/flower/), -pc in worker processes
+        (flcore/parallel.py)."""
+        return run_client_turns(dict(enumerate(self.clients)), self.store, requests, self.upload_phase,
+                                progress=True)
 
     def receive_uploads(self, uploads, timer):
         """Counts the arrived uploads, aggregates them and queues the replies (counted as they are made)."""
@@ -405,8 +436,11 @@ class Server:
         tmp = path + ".tmp"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
-        if self.store is not None:
-            self.store.checkpoint_written()
+        # The stores that keep client states on disk may now drop the files only the previous checkpoint needed
+        # (a remote without the method keeps its states elsewhere: Flower nodes).
+        for holder in (self.store, self.remote):
+            if holder is not None and hasattr(holder, "checkpoint_written"):
+                holder.checkpoint_written()
 
     def resume(self):
         """Load this run's checkpoint; returns False when there is none (the run starts from round 0)."""

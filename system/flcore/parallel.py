@@ -1,0 +1,255 @@
+"""Clients trained in parallel (-pc N): the Server's `remote` is a pool of N worker processes, each owning a fixed
+share of the clients, built there exactly as Server builds them (serverbase.build_clients) and kept in the
+worker's own store (memory, --offload or disk). A round's turns go to their owners at once and run with the same take_turn;
+the replies come back in request order. A turn depends only on its client's state and its request (flcore/
+exchange.py), so the results equal sequential training bit for bit when each worker computes with the threads a
+sequential run used (with --num_threads N x T, each worker gets T).
+
+Workers with one CPU thread are forked (instant: they inherit the loaded modules and data); others are spawned,
+since a forked child that runs OpenMP with more than one thread hangs on the parent's thread pool (seen here
+with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k) modulo the
+visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared memory to outlive a worker), loaded
+straight onto the receiver's device."""
+import io
+import multiprocessing
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from flcore.algorithms import server_class
+from flcore.client_store import DiskStore, state_bytes
+from flcore.servers.serverbase import build_clients, run_client_turns, store_choice_line
+from flcore.trainmodel import family_models
+from flutils.errors import UserError
+
+
+@dataclass
+class WorkerSetup:
+    """What a worker builds its share of the clients from."""
+    args: object
+    run: int
+    device: str
+    threads: int
+    image_shape: tuple
+    data: dict  # {client id: ClientData} of its share
+    slow_train: set
+    spec: object  # the server's client_spec() Payload
+    store_location: tuple
+
+
+def pack(message):
+    buffer = io.BytesIO()
+    torch.save(message, buffer)
+    return buffer.getvalue()
+
+
+def unpack(data, device):
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def serve(connection, setup):
+    """A worker's life: build its clients, then answer commands until "close"."""
+    torch.set_num_threads(setup.threads)
+    device = torch.device(setup.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = setup.args.cudnn_benchmark
+    server_cls = server_class(setup.args.algorithm)
+
+    def answer(work):
+        try:
+            connection.send_bytes(pack(("ok", work())))
+        except UserError as exc:
+            connection.send_bytes(pack(("user_error", str(exc))))
+        except Exception:  # noqa: BLE001 - reported to the server, which stops the run with it
+            connection.send_bytes(pack(("error", traceback.format_exc())))
+
+    share = {}
+
+    def build():
+        share["clients"], share["store"] = build_clients(
+            server_cls, setup.args, setup.run, device, setup.image_shape, setup.data, setup.slow_train, setup.spec,
+            setup.store_location)
+        return share["store"].kind, [state_bytes(client) for client in share["clients"].values()]
+
+    def spill():
+        """To disk, as a sequential run's --client_state auto does, when another worker's estimate spilled."""
+        share["store"] = DiskStore(*setup.store_location, owned=set(setup.data))
+        for client in share["clients"].values():
+            share["store"].add(client)
+
+    answer(build)
+    commands = {
+        "turns": lambda body: run_client_turns(share["clients"], share["store"], body, server_cls.upload_phase),
+        "state": lambda body: share["store"].checkpoint_state(list(share["clients"].values())),
+        "restore": lambda body: share["store"].restore(list(share["clients"].values()), body),
+        "checkpoint_written": lambda body: share["store"].checkpoint_written(),
+        "spill": lambda body: spill(),
+        "close": lambda body: share["store"].close(),
+    }
+    while True:
+        command, body = unpack(connection.recv_bytes(), device)
+        answer(lambda: commands[command](body))
+        if command == "close":
+            return
+
+
+def forward_flops(model, image_shape):
+    """FLOPs of one sample's forward pass (model in eval mode: BatchNorm takes a batch of one)."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, *image_shape))
+    return counter.get_total_flops()
+
+
+def balanced_shares(costs, workers):
+    """Client ids split into `workers` shares of near-equal total cost: the costliest client first, each to the
+    share with the least cost so far (ties: the lower id), so the slowest worker sets the round's pace as little
+    as a fixed split allows."""
+    loads = [0.0] * workers
+    shares = [[] for _ in range(workers)]
+    for client_id in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        worker = min(range(workers), key=lambda k: (loads[k], k))
+        shares[worker].append(client_id)
+        loads[worker] += costs[client_id]
+    return [sorted(share) for share in shares]
+
+
+class ClientPool:
+    """The clients of one run in `workers` processes (Server's `remote`): start(server) after the server is built,
+    then run_turns, state_dict, load_state_dict, checkpoint_written; close() ends the workers."""
+
+    def __init__(self, workers, threads):
+        self.workers = workers
+        self.threads = threads
+        self.connections, self.processes, self.shares = [], [], []
+        self.owner = {}
+        self.device = torch.device("cpu")
+
+    def client_costs(self, server):
+        """Each client's training cost, estimated as its model's forward FLOPs times its training samples:
+        deterministic and free. A timed training step per model was tried and ranked the models worse on this
+        shared 2-core machine (single steps are noisy, and a turn also holds FedKTL's transfer step, evaluation and
+        the prototype pass); FLOPs miss that depthwise and NHWC convolutions cost more or less per FLOP."""
+        family_size = len(family_models(server.args.model_family))
+        flops = {}
+        costs = []
+        for client_id in range(server.num_clients):
+            member = client_id % family_size
+            if member not in flops:
+                flops[member] = forward_flops(server.reference_model(client_id), server.dataset.image_shape)
+            costs.append(flops[member] * max(len(server.dataset.clients[client_id].train_y), 1))
+        return costs
+
+    def start(self, server):
+        """Spawns the workers and builds their clients; all wait in memory, or all on disk when one worker's
+        --client_state auto estimate says the run does not fit."""
+        self.server = server
+        self.device = server.device
+        self.shares = balanced_shares(self.client_costs(server), self.workers)
+        self.owner = {client_id: worker for worker, share in enumerate(self.shares) for client_id in share}
+        forkable = self.threads == 1 and self.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if forkable else "spawn")
+        location = server.store_location()
+        for worker, share in enumerate(self.shares):
+            setup = WorkerSetup(server.args, server.run, str(self.worker_device(worker)), self.threads,
+                                server.dataset.image_shape, {i: server.dataset.clients[i] for i in share},
+                                {i for i in share if i in server.slow_train}, server.spec, location)
+            ours, theirs = context.Pipe()
+            process = context.Process(target=serve, args=(theirs, setup), daemon=True,
+                                      name=f"fl-clients-{worker}")
+            process.start()
+            theirs.close()
+            self.connections.append(ours)
+            self.processes.append(process)
+        built = [self.receive(worker) for worker in range(self.workers)]
+        if {kind for kind, _ in built} == {"memory", "disk"}:
+            self.broadcast("spill")
+        if server.args.client_state == "auto":
+            sizes = [size for _, worker_sizes in built for size in worker_sizes]
+            kind = "disk" if any(kind == "disk" for kind, _ in built) else "memory"
+            tqdm.write(store_choice_line(kind, location[0], sizes, server.num_clients))
+        tqdm.write(f"clients in {self.workers} worker processes ({self.threads} CPU thread(s) each): "
+                   + "; ".join(f"clients {', '.join(map(str, share))}" if len(share) <= 8 else f"{len(share)} clients"
+                               for share in self.shares))
+
+    def worker_device(self, worker):
+        if self.device.type != "cuda":
+            return self.device
+        first = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return torch.device("cuda", (first + worker) % torch.cuda.device_count())
+
+    def send(self, worker, command, body=None):
+        self.connections[worker].send_bytes(pack((command, body)))
+
+    def receive(self, worker):
+        try:
+            status, result = unpack(self.connections[worker].recv_bytes(), self.device)
+        except EOFError:
+            raise RuntimeError(f"client worker {worker} ended unexpectedly (exit code "
+                               f"{self.processes[worker].exitcode}); see its output above") from None
+        if status == "user_error":
+            raise UserError(result)
+        if status == "error":
+            raise RuntimeError(f"client worker {worker} failed:\n{result}")
+        return result
+
+    def broadcast(self, command, body=None):
+        """The same command to every worker started so far, at once; their results in worker order."""
+        started = range(len(self.connections))
+        for worker in started:
+            self.send(worker, command, body)
+        return [self.receive(worker) for worker in started]
+
+    def run_turns(self, requests):
+        by_worker = [{} for _ in range(self.workers)]
+        for client_id, request in requests.items():
+            by_worker[self.owner[client_id]][client_id] = request
+        busy = [worker for worker in range(self.workers) if by_worker[worker]]
+        for worker in busy:
+            self.send(worker, "turns", by_worker[worker])
+        replies = {}
+        for worker in busy:
+            replies.update(self.receive(worker))
+        return {client_id: replies[client_id] for client_id in requests}
+
+    def state_dict(self):
+        """The client states in the format of a sequential run's store, so either kind of run resumes the other."""
+        parts = self.broadcast("state")
+        if parts[0]["store"] == "disk":
+            files = {}
+            for part in parts:
+                files.update(part["files"])
+            return {**parts[0], "files": dict(sorted(files.items()))}
+        states = [None] * self.server.num_clients
+        for share, part in zip(self.shares, parts):
+            for client_id, state in zip(share, part["states"]):
+                states[client_id] = state
+        return {"store": "memory", "states": states}
+
+    def load_state_dict(self, state):
+        self.broadcast("restore", state)
+
+    def checkpoint_written(self):
+        self.broadcast("checkpoint_written")
+
+    def close(self):
+        """Ends the workers: each closes its store first (a disk store keeps what the last checkpoint needs). A
+        worker that is gone or failing (a crash, Ctrl-C) is not waited for: the run stops with the error that
+        ended it, not with this one."""
+        try:
+            self.broadcast("close")
+        except (RuntimeError, OSError, UserError):
+            pass
+        finally:
+            for process in self.processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
+            for connection in self.connections:
+                connection.close()
+            self.connections, self.processes = [], []
