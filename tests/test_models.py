@@ -16,6 +16,7 @@ from flcore.trainmodel import (
     families,
     family_models,
     list_models,
+    model_with_state,
     register_model,
     registry,
 )
@@ -208,3 +209,15 @@ def test_negative_client_index_is_rejected():
 def test_cpu_family_models_are_small(name):
     model = build_model(name, num_classes=10)
     assert sum(p.numel() for p in model.parameters()) < 500_000
+
+
+def test_a_shared_model_built_from_its_state_leaves_the_global_random_stream_alone():
+    """FML's meme and FedKD's mentee arrive as states; building them must not move the stream the client's own
+    layers (FedKD's hidden map) are drawn from, or the client would differ from one given a copy."""
+    state = build_model("cnn4", 10, 64, 3, 32).state_dict()
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    model = model_with_state("cnn4", 10, 64, 3, 32, state)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in state.items())

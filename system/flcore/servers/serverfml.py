@@ -10,7 +10,7 @@ from flcore.clients.clientfml import ClientFML
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
-from flcore.trainmodel import build_model
+from flcore.trainmodel import build_model, model_with_state
 from flutils.errors import UserError
 from flutils.options import raise_first_failed
 
@@ -53,8 +53,8 @@ class ServerFML(Server):
     @classmethod
     def new_client(cls, setup, spec):
         c = spec.config
-        meme = build_model(c["fml_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"])
-        meme.load_state_dict(unflatten(spec.tensors, "meme"))
+        meme = model_with_state(c["fml_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"],
+                                unflatten(spec.tensors, "meme"))
         return ClientFML(setup, meme=meme, alpha=c["alpha"], beta=c["beta"])
 
     def payload_for(self, client_id):

@@ -8,7 +8,7 @@ from flcore.clients.clientkd import ClientFedKD, shared_state
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.servers.serverbase import Server
 from flcore.svd import svd_compress, svd_decompress
-from flcore.trainmodel import build_model
+from flcore.trainmodel import build_model, model_with_state
 from flutils.errors import UserError
 from flutils.options import raise_first_failed
 
@@ -63,8 +63,8 @@ class ServerFedKD(Server):
     @classmethod
     def new_client(cls, setup, spec):
         c = spec.config
-        mentee = build_model(c["mentee_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"])
-        mentee.load_state_dict(unflatten(spec.tensors, "mentee"))
+        mentee = model_with_state(c["mentee_model"], setup.num_classes, c["feature_dim"], c["channels"], c["height"],
+                                  unflatten(spec.tensors, "mentee"))
         return ClientFedKD(setup, mentee=mentee, feature_dim=c["feature_dim"],
                            mentee_learning_rate=c["mentee_learning_rate"], energy=c["energy"])
 

@@ -1,6 +1,7 @@
 """Registry of named client models, each built as a feature extractor ("base") plus a head."""
 from typing import Callable
 
+import torch
 from torch import nn
 
 # A base builder maps (feature_dim, in_channels, image_size) to a module [B, C, H, W] -> [B, feature_dim].
@@ -75,3 +76,12 @@ def build_model(name: str, num_classes: int, feature_dim: int = 512, in_channels
     build_base, head_factory = _REGISTRY[name]
     base = build_base(feature_dim, in_channels, image_size)
     return BaseHeadSplit(base, head_factory(feature_dim, num_classes), feature_dim, num_classes, name)
+
+
+def model_with_state(name, num_classes, feature_dim, in_channels, image_size, state):
+    """Model `name` holding `state` (a state_dict); building it leaves torch's global RNG where it was, so a client
+    that receives a shared model (FML's meme, FedKD's mentee) draws its own initial weights as before."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(name, num_classes, feature_dim, in_channels, image_size)
+    model.load_state_dict(state)
+    return model
