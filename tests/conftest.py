@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flcore.algorithms import server_class
-from flcore.servers.serverbase import PhaseTimer
+from flcore.exchange import PhaseTimer
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
 from flutils.data import load_federated_dataset

@@ -116,6 +116,34 @@ def decode(skeleton, tensors):
     return skeleton
 
 
+def write_state_file(path, value, metadata=None):
+    """`value` (a nested state, see `encode`) as one safetensors file: its tensors, the rest as JSON in the file's
+    metadata under "state" (so reading runs no code), plus `metadata`; written under a temporary name and renamed,
+    so `path` is whole or absent. An OSError propagates after the temporary file is removed."""
+    tensors = {}
+    skeleton = encode(value, tensors, "s")
+    temporary = path + ".tmp"
+    try:
+        save_file(tensors, temporary, metadata={"state": json.dumps(skeleton), **(metadata or {})})
+        os.replace(temporary, path)
+    except OSError:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read_state_file(path, tensors=True):
+    """(the state written by `write_state_file`, on the CPU, or None when `tensors` is False or the file holds no
+    state; the file's metadata). Raises OSError or SafetensorError for an unreadable file."""
+    with safe_open(path, framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        # Copied out of the file's memory map: a small tensor a client keeps (a permutation, prototypes) would
+        # otherwise keep the whole mapped file resident.
+        stored = {key: f.get_tensor(key).clone() for key in f.keys()} if tensors else {}
+    state = decode(json.loads(metadata["state"]), stored) if tensors and "state" in metadata else None
+    return state, metadata
+
+
 class MemoryStore:
     """Every client resident, as in the reference library's simulation; checkpoints hold the client states."""
     kind = "memory"
@@ -241,18 +269,11 @@ class DiskStore:
             self.release(client)
 
     def save(self, client):
-        tensors = {}
-        skeleton = encode(client.state_dict(), tensors, "s")
         name = f"client_{client.id:05d}_{secrets.token_hex(4)}.safetensors"
-        path = self.file_path(name)
-        temporary = path + ".tmp"
-        metadata = {"state": json.dumps(skeleton), "run": self.run_key, "client": str(client.id)}
         try:
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, path)
+            write_state_file(self.file_path(name), client.state_dict(),
+                             {"run": self.run_key, "client": str(client.id)})
         except OSError as exc:
-            if os.path.exists(temporary):
-                os.remove(temporary)
             raise UserError(f"writing client {client.id}'s state to {self.folder} failed ({exc.strerror or exc}); "
                             f"free space or choose another --client_state_dir, then rerun with --resume (the last "
                             f"checkpoint is still valid)") from None
@@ -266,11 +287,7 @@ class DiskStore:
         """The state saved in `path` (only checked, without reading its tensors, when `tensors` is False); with
         `run_key`/`client_id`, refused unless it was written for that run and client."""
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                # Copied out of the file's memory map: a small tensor a client keeps (a permutation, prototypes)
-                # would otherwise keep the whole mapped file resident.
-                stored = {key: f.get_tensor(key).clone() for key in f.keys()} if tensors else {}
+            state, metadata = read_state_file(path, tensors)
         except (OSError, SafetensorError) as exc:
             raise UserError(f"cannot read client state {path} ({exc}); rerun without --resume to start over") from None
         if "state" not in metadata:
@@ -279,7 +296,7 @@ class DiskStore:
             raise UserError(f"{path} holds the state of another run or client; point --client_state_dir at this "
                             f"run's folder, or rerun without --resume to start over")
         # On the CPU, as a checkpoint is read: the client's load_state_dict moves what belongs on its device.
-        return decode(json.loads(metadata["state"]), stored) if tensors else None
+        return state
 
     def load(self, client):
         state = self.read(self.file_path(self.current[client.id]), self.run_key, client.id)

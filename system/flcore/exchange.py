@@ -3,6 +3,7 @@
 is evaluated, trains, and uploads one payload; the server builds what it sends from its own state only and
 aggregates the uploads that arrived. Upload and download sizes are counted from the payloads themselves."""
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,15 +84,28 @@ class TurnReply:
     batches: int = 0
 
 
-def timed(seconds, name, device, work):
-    """work(), adding its wall-clock time to seconds[name] (CUDA work finished before reading the clock)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    result = work()
-    sync()
-    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-    return result
+class PhaseTimer:
+    """Wall-clock seconds per named phase (of a round, or of a client's turn); CUDA work is synchronized before the
+    clock is read. `names` start at 0; others are added when first timed."""
+
+    def __init__(self, names, device):
+        self.seconds = {name: 0.0 for name in names}
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def add(self, seconds):
+        """Seconds per phase measured elsewhere (a client's turn)."""
+        for name, value in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + value
+
+    @contextmanager
+    def __call__(self, name):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def take_turn(client, request, upload_phase="train"):
@@ -99,20 +113,22 @@ def take_turn(client, request, upload_phase="train"):
     the global random stream (dropout) from a seed of its own client and round, so a client trains the same
     whichever clients trained before it, in this process or another."""
     reply = TurnReply()
+    timer = PhaseTimer((), client.device)
     for payload in request.payloads:
         client.receive(payload)
     if request.evaluate:
-        reply.stats = (*timed(reply.seconds, "eval", client.device, client.test_metrics), client.last_train_loss)
+        with timer("eval"):
+            reply.stats = (*client.test_metrics(), client.last_train_loss)
     if request.train:
         devices = []
         if client.device.type == "cuda":
             devices = [client.device.index if client.device.index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), timer("train"):
             torch.manual_seed(derive_seed(client.seed, request.round))
-            training = {}
-            timed(training, "train", client.device, client.train)
-        reply.train_seconds = training["train"]
-        reply.seconds["train"] = reply.seconds.get("train", 0.0) + reply.train_seconds
+            client.train()
+        reply.train_seconds = timer.seconds["train"]
         reply.batches = client.batches_last_round
-        reply.upload = timed(reply.seconds, upload_phase, client.device, client.upload)
+        with timer(upload_phase):
+            reply.upload = client.upload()
+    reply.seconds = timer.seconds
     return reply

@@ -3,7 +3,6 @@ import hashlib
 import json
 import os
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from flcore.client_store import (
     state_bytes,
 )
 from flcore.clients.clientbase import Client, client_setup
-from flcore.exchange import Payload, TurnRequest, derive_seed, take_turn
+from flcore.exchange import Payload, PhaseTimer, TurnRequest, derive_seed, take_turn
 from flcore.load_cache import LoadCache
 from flutils.errors import UserError
 from flutils.results import History, run_name
@@ -88,29 +87,6 @@ def run_client_turns(clients, store, requests, upload_phase, progress=False):
         with store.loaded(client, modify=bool(request.payloads) or request.train):
             replies[client_id] = take_turn(client, request, upload_phase)
     return replies
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase within one round (CUDA work is synchronized before reading)."""
-
-    def __init__(self, names, device):
-        self.seconds = {name: 0.0 for name in names}
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def add(self, seconds):
-        """Seconds per phase measured elsewhere (a client's turn)."""
-        for name, value in seconds.items():
-            self.seconds[name] += value
-
-    @contextmanager
-    def __call__(self, name):
-        self.sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.seconds[name] += time.perf_counter() - start
 
 
 class Server:
@@ -344,18 +320,21 @@ class Server:
             evaluating = r % self.args.eval_gap == 0 or last
             # Training may share a client's turn with its evaluation unless the evaluation can end the run.
             train_in_turn = not (last or self.args.auto_break)
-            turns = self.run_turns if self.remote is None else self.remote.run_turns
+            run_turns = self.run_turns if self.remote is None else self.remote.run_turns
+
+            def turns(requests):
+                replies = run_turns(requests)
+                for reply in replies.values():
+                    timer.add(reply.seconds)
+                return replies
+
             replies = turns(self.round_requests(selected, evaluating, train_in_turn))
-            for reply in replies.values():
-                timer.add(reply.seconds)
             if evaluating:
                 self.evaluate([replies[client_id].stats for client_id in sorted(replies) if replies[client_id].stats])
                 if last or (self.args.auto_break and self.history.evaluations_since_best() >= self.args.top_cnt):
                     break
             if not train_in_turn:
                 replies = turns({client_id: TurnRequest(r, [], False, True) for client_id in selected})
-                for reply in replies.values():
-                    timer.add(reply.seconds)
             trained = {client_id: reply for client_id, reply in replies.items() if reply.upload is not None}
             arrived = self.arrived_uploads(trained)
             self.receive_uploads({client_id: trained[client_id].upload for client_id in arrived}, timer)

@@ -17,10 +17,10 @@ from flower_app.records import (
     partition_of,
     read_request,
     reply_content,
-    torch_device,
 )
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
+from flutils.experiment import resolve_device
 
 app = ClientApp()
 
@@ -46,21 +46,23 @@ def node_turn(message: Message, context: Context) -> Message:
     store = NodeState(context.state, f"{folder}/run_{run}_client_{partition:05d}" if folder else None, f"run{run}")
     if spec is not None:
         store.save("spec", 0, spec.to_dict())
-    saved_spec = store.load("spec", 0)
-    if saved_spec is None:
-        return Message(lost_state_content(), reply_to=message)
+    else:
+        saved_spec = store.load("spec", 0)
+        if saved_spec is None:
+            return Message(lost_state_content(), reply_to=message)
+        spec = Payload.from_dict(saved_spec)
     data, image_shape = partition_data(tuple(sorted(context.run_config.items())), partition)
-    device = torch_device(args)
-    setup = client_setup(args, data, partition, run, device, image_shape,
+    setup = client_setup(args, data, partition, run, resolve_device(args), image_shape,
                          train_slow=bool(turn["train_slow"]))
-    client = server_class(args.algorithm).new_client(setup, Payload.from_dict(saved_spec))
+    server_cls = server_class(args.algorithm)
+    client = server_cls.new_client(setup, spec)
     previous = int(turn["previous_turns"])
     if previous:
         state = store.load("client", previous)
         if state is None:
             return Message(lost_state_content(), reply_to=message)
         client.load_state_dict(state)
-    reply = take_turn(client, request, server_class(args.algorithm).upload_phase)
+    reply = take_turn(client, request, server_cls.upload_phase)
     store.save("client", previous + 1, client.state_dict())
     return Message(reply_content(reply), reply_to=message)
 

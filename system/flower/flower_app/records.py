@@ -3,11 +3,9 @@ from a run config, and a client's state in a node's RecordDict or on its disk.""
 import json
 import os
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from safetensors.torch import safe_open, save_file
 
-from flcore.client_store import decode, encode
+from flcore.client_store import decode, encode, read_state_file, write_state_file
 from flcore.exchange import Payload, TurnReply, TurnRequest
 from flutils.errors import UserError
 from flutils.options import build_parser, parse_args
@@ -23,7 +21,7 @@ def put_payload(content, name, payload):
 def get_payload(content, name):
     tensors = content[f"{name}.tensors"]
     return Payload(dict(tensors.to_torch_state_dict()) if len(tensors) else {},
-                   dict(content[f"{name}.config"]), {k: v for k, v in content[f"{name}.metrics"].items()})
+                   dict(content[f"{name}.config"]), dict(content[f"{name}.metrics"]))
 
 
 def request_content(request, run, client_id, previous_turns, spec=None, train_slow=False):
@@ -159,13 +157,11 @@ class NodeState:
                       if key.startswith(prefix) and not key.endswith(".skeleton"))
 
     def save(self, name, turns, value):
-        tensors = {}
-        skeleton = json.dumps(encode(value, tensors, "s"))
         if self.folder:
-            path = self.path(name, turns)
-            save_file(tensors, path + ".tmp", metadata={"state": skeleton})
-            os.replace(path + ".tmp", path)
+            write_state_file(self.path(name, turns), value)
         else:
+            tensors = {}
+            skeleton = json.dumps(encode(value, tensors, "s"))
             self.records[f"{self.scope}{name}:{turns}"] = ArrayRecord(tensors) if tensors else ArrayRecord()
             self.records[f"{self.scope}{name}:{turns}.skeleton"] = ConfigRecord({"state": skeleton})
         for old in self.tags(name)[:-self.keep]:
@@ -182,15 +178,7 @@ class NodeState:
         if turns not in self.tags(name):
             return None
         if self.folder:
-            with safe_open(self.path(name, turns), framework="pt", device="cpu") as f:
-                tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
-                skeleton = f.metadata()["state"]
-        else:
-            record = self.records[f"{self.scope}{name}:{turns}"]
-            tensors = dict(record.to_torch_state_dict()) if len(record) else {}
-            skeleton = self.records[f"{self.scope}{name}:{turns}.skeleton"]["state"]
-        return decode(json.loads(skeleton), tensors)
-
-
-def torch_device(args):
-    return torch.device(f"cuda:{args.device_id}" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
+            return read_state_file(self.path(name, turns))[0]
+        record = self.records[f"{self.scope}{name}:{turns}"]
+        tensors = dict(record.to_torch_state_dict()) if len(record) else {}
+        return decode(json.loads(self.records[f"{self.scope}{name}:{turns}.skeleton"]["state"]), tensors)

@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from flcore.algorithms import server_class
 from flcore.load_cache import LoadCache
-from flower_app.records import engine_settings, read_reply, request_content, torch_device
+from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
 from flutils.errors import UserError
-from flutils.experiment import summarize_runs, write_run
+from flutils.experiment import resolve_device, summarize_runs, write_run
 
 app = ServerApp()
 
@@ -155,7 +155,7 @@ def run_on_flower(grid, run_config):
     dataset = load_federated_dataset(args, only=[])
     nodes = discover_nodes(grid, args.num_clients, settings["node-wait"])
     print(f"{args.algorithm} on Flower: {args.num_clients} nodes, {args.global_rounds} rounds")
-    device = torch_device(args)
+    device = resolve_device(args)
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
