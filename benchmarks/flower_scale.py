@@ -21,7 +21,7 @@ import numpy as np
 
 from fldata.cli import run as generate_dataset
 from fldata.sources import DIGITS
-from flutils.paths import REPO_ROOT
+from flcore.paths import REPO_ROOT
 from flutils.results import read_h5
 
 

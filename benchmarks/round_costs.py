@@ -22,7 +22,7 @@ import flcore.servers.serverbase as serverbase
 from flcore.parallel import ClientPool
 from flcore.trainmodel import family_models
 from flutils import experiment
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 from flutils.results import read_h5, run_name
 

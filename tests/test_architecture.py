@@ -19,9 +19,9 @@ from flcore.per_class import add_per_class, per_class_means
 from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
 from flutils import experiment
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import build_parser, flag_or_default, hook_owners, parse_args
-from flutils.paths import REPO_ROOT
+from flcore.paths import REPO_ROOT
 from flutils.results import read_h5
 
 README = os.path.join(REPO_ROOT, "README.md")

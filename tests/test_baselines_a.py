@@ -8,7 +8,7 @@ from flcore.clients.clientbase import ClientSetup
 from flcore.trainmodel import build_model
 from flutils import experiment
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 
 K, FEATURE_DIM, NOISE_DIM, HIDDEN_DIM = 10, 64, 32, 32

@@ -16,7 +16,7 @@ from flcore.svd import kept_rank, packed_floats, svd_compress, svd_decompress
 from flcore.trainmodel import BaseHeadSplit
 from flutils import experiment
 from flutils.data import ClientData, load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 
 D = 64  # small_run's feature dimension

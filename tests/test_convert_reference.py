@@ -13,7 +13,7 @@ import fldata.reference
 from fldata.cli import DATASET_DIR
 from fldata.dataset_io import LABEL_STATS_KEY
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 SCRIPT = os.path.join(DATASET_DIR, "convert_reference.py")
 NAME = "RefCifar"

@@ -22,7 +22,7 @@ from flcore.generators.dcgan import (
 from flcore.servers.serverktl import image_metrics
 from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
 from flutils import experiment
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 # make_server's algorithm and flags: a short domain alignment.
 FAST_KTL = ["FedKTL-stylegan-3", "-se", "3", "-sbs", "8"]

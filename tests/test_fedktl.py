@@ -11,7 +11,7 @@ from flcore.ktl_ops import arc_margin_loss, etf_cosines
 from flcore.servers.serverktl import to_client_images
 from flutils import experiment
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 from generator_io import save_generator_pickle
 

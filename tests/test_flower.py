@@ -13,8 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flower_app import client_app
 from flower_app.server_app import run_on_flower
 from flutils import experiment
-from flutils.errors import UserError
-from flutils.paths import REPO_ROOT
+from flcore.errors import UserError
+from flcore.paths import REPO_ROOT
 
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
 CLIENTS = 4

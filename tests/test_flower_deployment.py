@@ -10,8 +10,8 @@ import tomllib
 
 from flower_app.records import engine_settings
 from flutils import experiment
-from flutils.errors import UserError
-from flutils.paths import REPO_ROOT
+from flcore.errors import UserError
+from flcore.paths import REPO_ROOT
 from flutils.results import read_h5
 
 pytestmark = pytest.mark.skipif(shutil.which("flower-superlink") is None,

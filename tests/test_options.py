@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args, str2bool
 
 REFERENCE_FLAGS = ["-data", "-nb", "-m", "-algo", "-gr", "-nc", "-jr", "-rjr", "-lbs", "-ls", "-lr", "-ld", "-ldg",

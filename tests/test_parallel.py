@@ -11,7 +11,7 @@ import torch
 from flcore.parallel import balanced_shares
 from flcore.servers.serverbase import Server
 from flutils import experiment
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.results import read_h5
 
 # Stragglers and lost uploads, as in test_client_store.py: clients left behind and replies waiting for them.

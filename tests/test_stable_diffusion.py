@@ -21,9 +21,9 @@ from flcore.load_cache import LoadCache  # noqa: E402
 from flcore.servers.serverktl import to_client_images  # noqa: E402
 from flutils import experiment  # noqa: E402
 from flutils.data import load_federated_dataset  # noqa: E402
-from flutils.errors import UserError  # noqa: E402
+from flcore.errors import UserError  # noqa: E402
 from flutils.options import parse_args  # noqa: E402
-from flutils.paths import REPO_ROOT  # noqa: E402
+from flcore.paths import REPO_ROOT  # noqa: E402
 from sd_pipelines.pipeline import LatentsToImagePipeline  # noqa: E402
 
 # One small client model and large batches keep the runs short; the generator is what is tested here.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from flcore.servers.serverktl import centroid_shift
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 
 FAST_SERVER = ["-se", "2", "-sbs", "8", "-gen", "untrained"]

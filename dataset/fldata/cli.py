@@ -17,7 +17,9 @@ from fldata.dataset_io import (
 from fldata.errors import DatasetError
 from fldata.partition import PARTITIONS, partition_indices, validate_partition_params
 from fldata.sources import DatasetSpec, describe_source, load_source
-from flutils.paths import DATASET_DIR
+
+# dataset/: the folder this package lives in, where generated datasets go by default.
+DATASET_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Algorithms by name: each maps to the server class that runs it (imported only when chosen)."""
 import importlib
 
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 ALGORITHMS = {
     "Local": "flcore.servers.serverlocal:ServerLocal",

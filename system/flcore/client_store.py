@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 STATE_FILE = re.compile(r"^client_(\d{5})_[0-9a-f]{8}\.safetensors$")
 # Resident state per client, as a multiple of its state modules' tensors: weights, gradients, and headroom for the

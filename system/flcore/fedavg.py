@@ -3,7 +3,7 @@ its sample-weighted average, and the check that every client holds the same arch
 import torch
 
 from flcore.trainmodel import family_models
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 
 def single_model_name(family, algorithm):

@@ -4,7 +4,7 @@ training of the global model on it."""
 import torch
 import torch.nn.functional as F
 
-from flcore.clients.clientbase import shuffled_batches
+from flcore.batching import shuffled_batches
 from flcore.exchange import Payload
 from flcore.servers.serverktl import to_client_images
 

@@ -23,7 +23,7 @@ from flcore.algorithms import server_class
 from flcore.client_store import DiskStore, state_bytes
 from flcore.servers.serverbase import build_clients, run_client_turns, store_choice_line
 from flcore.trainmodel import family_models
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 
 @dataclass

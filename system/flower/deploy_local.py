@@ -24,8 +24,8 @@ import httpx
 
 from fldata.cli import run as generate_dataset
 from fldata.sources import DIGITS
-from flutils.errors import UserError
-from flutils.paths import REPO_ROOT
+from flcore.errors import UserError
+from flcore.paths import REPO_ROOT
 
 APP = os.path.join(REPO_ROOT, "system", "flower")
 CONNECTION = "fedktl-local"

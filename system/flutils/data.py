@@ -10,7 +10,7 @@ import torch
 
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 
 @dataclass

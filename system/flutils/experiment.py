@@ -11,7 +11,7 @@ from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
 from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import parse_args
 from flutils.results import experiment_name, plot_accuracy, run_name, summarize, write_summary
 

@@ -5,8 +5,8 @@ collected by `hook_owners`, so `main.py -h` lists them grouped by algorithm."""
 import argparse
 
 from flcore.algorithms import server_class, server_classes
-from flutils.errors import UserError
-from flutils.paths import DATASET_DIR, RESULTS_DIR
+from flcore.errors import UserError
+from flcore.paths import DATASET_DIR, RESULTS_DIR
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}

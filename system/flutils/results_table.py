@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from flcore.algorithms import ALGORITHMS
-from flutils.paths import RESULTS_DIR
+from flcore.paths import RESULTS_DIR
 from flutils.results import read_h5
 
 

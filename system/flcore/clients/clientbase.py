@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from flcore.batching import shuffled_batches
 from flcore.exchange import Payload, derive_seed
 from flcore.per_class import add_per_class
 from flcore.trainmodel import build_family_model
@@ -14,17 +15,6 @@ from flcore.trainmodel import build_family_model
 EVAL_BATCH = 256
 # --amp: the autocast dtype of local training (None: full precision).
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def shuffled_batches(num_samples, batch_size, generator):
-    """Index batches of one shuffled epoch; a last batch of one sample joins the previous one
-    (BatchNorm cannot normalize a single sample in training mode)."""
-    order = torch.randperm(num_samples, generator=generator)
-    batches = list(torch.split(order, batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = torch.cat(batches[-2:])
-        batches.pop()
-    return batches
 
 
 def distillation_kl(student_logits, teacher_logits):

@@ -20,7 +20,7 @@ from flcore.parameters import weighted_average
 from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stable_diffusion import load_pipeline, pipeline_module
 from flcore.trainmodel import build_model
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import flag_or_default, raise_first_failed
 
 WEIGHTS_README = "stable-diffusion/v1.5/README.md"

@@ -11,7 +11,7 @@ from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
 from flcore.trainmodel import build_model, model_with_state
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import raise_first_failed
 
 

@@ -9,7 +9,7 @@ from flcore.clients.clientgh import ClientFedGH
 from flcore.exchange import Payload, flatten
 from flcore.server_training import train_on_rows
 from flcore.servers.serverproto import PrototypeServer
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import flag_or_default
 
 # -slr's default for FedGH: the reference library's server_learning_rate default (HtFLlib system/main.py).

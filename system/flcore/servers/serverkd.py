@@ -9,7 +9,7 @@ from flcore.exchange import Payload, flatten, unflatten
 from flcore.servers.serverbase import Server
 from flcore.svd import svd_compress, svd_decompress
 from flcore.trainmodel import build_model, model_with_state
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import raise_first_failed
 
 

@@ -14,7 +14,7 @@ from flcore.exchange import Payload, flatten
 from flcore.generators.adapter import GeneratorAdapter
 from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
 from flcore.servers.serverbase import Server
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import bool_flag, flag_or_default, raise_first_failed
 from flutils.results import run_name
 from flutils.visualize import save_image_grid

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from flcore.generators.adapter import PaperDefaults
 from flcore.generators.dcgan import rescale_to_norm, typical_gaussian_norm
 from flcore.servers.serverktl import ServerKTL
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.options import bool_flag, raise_first_failed
 
 CUDA_DTYPES = {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

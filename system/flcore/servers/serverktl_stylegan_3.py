@@ -14,7 +14,7 @@ from flcore.generators.dcgan import (
     load_dcgan_checkpoint,
 )
 from flcore.servers.serverktl import ServerKTL
-from flutils.errors import UserError
+from flcore.errors import UserError
 from generator_io import GeneratorLoadError, load_generator_pickle
 
 

@@ -2,7 +2,7 @@
 are mapped with random one-hot ImageNet labels."""
 from flcore.generators.adapter import PaperDefaults
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 IMAGENET_CLASSES = 1000
 

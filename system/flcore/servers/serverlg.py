@@ -10,7 +10,7 @@ from flcore.clients.clientlg import ClientLG
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import weighted_average
 from flcore.servers.serverbase import Server
-from flutils.errors import UserError
+from flcore.errors import UserError
 
 
 def head_kind(model):

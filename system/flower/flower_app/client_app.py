@@ -19,7 +19,7 @@ from flower_app.records import (
     reply_content,
 )
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.experiment import resolve_device
 
 app = ClientApp()

@@ -13,7 +13,7 @@ from flcore.algorithms import server_class
 from flcore.load_cache import LoadCache
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flutils.errors import UserError
+from flcore.errors import UserError
 from flutils.experiment import resolve_device, summarize_runs, write_run
 
 app = ServerApp()
