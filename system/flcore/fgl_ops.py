@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from flcore.batching import shuffled_batches
 from flcore.exchange import Payload
-from flcore.servers.serverktl import to_client_images
+from flcore.images import to_client_images
 
 # The paper's class-level template for ImageNet subsets (its Table 5): the label, then a style suffix.
 DEFAULT_TEMPLATE = "{}, real world images, high resolution"

@@ -14,16 +14,18 @@ from torch import nn
 from flcore.per_class import per_class_means
 
 DEFAULT_MMD_BANDWIDTHS = (10.0, 15.0, 20.0, 50.0)
+# The angular margin m of the paper's ETF loss.
+PAPER_MARGIN = 0.5
 
 
-def simplex_etf(num_classes: int, generator: torch.Generator, dtype=torch.float32,
+def simplex_etf(num_classes: int, rng: torch.Generator, dtype=torch.float32,
                 device='cpu') -> torch.Tensor:
     """Fixed simplex ETF M = sqrt(K/(K-1)) P (I - 11^T/K); column c is the class vector e_c."""
     if num_classes < 2:
         raise ValueError(f"simplex_etf needs num_classes >= 2 (got {num_classes}); "
                          "a classifier needs at least two classes")
     # Drawn in float64 on the CPU so a seed gives the same matrix on every device.
-    gaussian = torch.randn(num_classes, num_classes, generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(num_classes, num_classes, generator=rng, dtype=torch.float64)
     orthonormal, upper = torch.linalg.qr(gaussian)
     # Fixing the signs of R's diagonal makes the QR factor unique, hence Haar-distributed.
     signs = torch.sign(torch.diagonal(upper))
@@ -41,7 +43,7 @@ def etf_cosines(features: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
 
 
 def arc_margin_logits(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 64.0,
-                      margin: float = 0.5, eps: float = 1e-7) -> torch.Tensor:
+                      margin: float = PAPER_MARGIN, eps: float = 1e-7) -> torch.Tensor:
     """Scaled cosines with the angular margin added to the true class: s cos(theta_y + m)."""
     if cosines.dim() != 2 or labels.shape != cosines.shape[:1]:
         raise ValueError(f"arc_margin_logits needs cosines [B, K] and labels [B] "
@@ -56,7 +58,7 @@ def arc_margin_logits(cosines: torch.Tensor, labels: torch.Tensor, scale: float 
 
 
 def arc_margin_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 64.0,
-                    margin: float = 0.5) -> torch.Tensor:
+                    margin: float = PAPER_MARGIN) -> torch.Tensor:
     """Cross-entropy over the margin logits (the client's classification loss)."""
     return F.cross_entropy(arc_margin_logits(cosines, labels, scale, margin), labels.long())
 
@@ -157,10 +159,10 @@ def class_mean_reset(centroids: torch.Tensor, mapped: torch.Tensor,
 
 
 def prototype_batches(num_prototypes: int, batch_size: int,
-                      generator: torch.Generator) -> list:
+                      rng: torch.Generator) -> list:
     """Shuffled batches of prototype indices, none of size 1 (BatchNorm cannot train on one)."""
     _check_batching(num_prototypes, batch_size)
-    batches = list(torch.randperm(num_prototypes, generator=generator).split(batch_size))
+    batches = list(torch.randperm(num_prototypes, generator=rng).split(batch_size))
     if len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
@@ -185,7 +187,7 @@ def _reset_to_class_means(transformer: FeatureTransformer, centroids: torch.Tens
 def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
                   prototypes: torch.Tensor, labels: torch.Tensor,
                   sample_valid: Callable[[int], torch.Tensor], optimizer: torch.optim.Optimizer,
-                  epochs: int, batch_size: int, lamda: float, generator: torch.Generator,
+                  epochs: int, batch_size: int, lamda: float, rng: torch.Generator,
                   grad_clip: float = 100.0, use_mmd: bool = True, reset_centroids: bool = True,
                   renderable: Callable[[torch.Tensor], torch.Tensor] = None) -> dict:
     """Server domain alignment: train F and Q on the pooled prototypes (spec step 3).
@@ -212,7 +214,7 @@ def align_domains(transformer: FeatureTransformer, centroids: nn.Parameter,
     steps = 0
     for _ in range(epochs):
         sums = {'mmd': 0.0, 'centroid': 0.0, 'loss': 0.0}
-        batches = prototype_batches(len(prototypes), batch_size, generator)
+        batches = prototype_batches(len(prototypes), batch_size, rng)
         for batch in batches:
             batch = batch.to(prototypes.device)
             mapped = transformer(prototypes[batch])

@@ -10,18 +10,17 @@ from torch import nn
 from flcore.batchnorm import AuxiliaryBatchNorm, running_stats_untouched
 from flcore.clients.clientbase import Client
 from flcore.exchange import Payload, unflatten
-from flcore.ktl_ops import arc_margin_loss, etf_cosines, knowledge_transfer_loss
+from flcore.ktl_ops import PAPER_MARGIN, arc_margin_loss, etf_cosines, knowledge_transfer_loss
 
 SCALE = 64.0
 
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """A FedKTL client's settings beyond local training (README "Flags": FedKTL groups)."""
+    """A FedKTL client's settings beyond local training that never change (README "Flags": FedKTL groups); mu and
+    the margin come with each round's payload."""
     feature_dim: int
     latent_dim: int
-    mu: float  # weight of the transfer task; the server updates it per round (--mu_warmup)
-    margin: float  # angular margin of the ETF loss; the server updates it per round (--margin_warmup)
     grad_clip: float = 100.0  # 0: no clip
     kt_norm: str = "keep"  # BatchNorm mode for generated images: update, keep or aux (flcore/batchnorm.py)
     feature_norm: bool = False  # proj reads L2-normalized features
@@ -36,8 +35,10 @@ class ClientKTL(Client):
         self.grad_clip = transfer.grad_clip or math.inf
         # etf None: the ablation with a plain linear head trained with cross-entropy.
         self.etf = etf.to(self.device) if etf is not None else None
-        self.margin = transfer.margin
-        self.mu = transfer.mu
+        # Each round's payload sets both before the client evaluates or trains (--margin_warmup, --mu_warmup);
+        # until the first one, the paper's margin and no transfer task (there are no pairs yet anyway).
+        self.margin = PAPER_MARGIN
+        self.mu = 0.0
         # proj is trained with the model; its weights come from the server with the first pairs.
         self.proj = nn.Linear(transfer.feature_dim, transfer.latent_dim).to(self.device)
         self.optimizer.add_param_group({"params": list(self.proj.parameters())})
@@ -71,7 +72,7 @@ class ClientKTL(Client):
         """A batch of pairs of the client's batch size, cycling through the K pairs in shuffled order."""
         needed = min(self.batch_size, len(self.pair_latents))
         while len(self.pair_order) < needed:
-            fresh = torch.randperm(len(self.pair_latents), generator=self.generator)
+            fresh = torch.randperm(len(self.pair_latents), generator=self.rng)
             self.pair_order = torch.cat([self.pair_order, fresh])
         index, self.pair_order = self.pair_order[:needed], self.pair_order[needed:]
         index = index.to(self.device)

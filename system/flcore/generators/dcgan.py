@@ -1,5 +1,6 @@
 """Plain PyTorch DCGAN-style generators with a Gaussian prior, and the pre-trained face generator that
-the `gan-face-generate` wheel ships (a DCGAN trained on DigiFace-1M, z of 100 values -> 64x64 RGB).
+the `gan-face-generate` wheel ships (a DCGAN trained on DigiFace-1M, z of 100 values -> 64x64 RGB): their registry
+entries (flcore/generators/registry.py), "dcgan" (a checkpoint in -GPath) and "face-dcgan".
 
 The weights are read from the installed wheel's files; the package itself is never imported (it pulls in
 wandb and a training script we do not need). Install it without its dependencies:
@@ -12,6 +13,11 @@ from importlib import metadata
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from flcore.errors import UserError
+from flcore.generators.base import GeneratorEntry
+from flcore.generators.stylegan import UNTRAINED
 
 FACE_DCGAN_PACKAGE = "gan-face-generate"
 FACE_DCGAN_VERSION = "1.1.1"
@@ -148,15 +154,14 @@ class GaussianLatents:
     sigma * sqrt(d)); such a latent renders the generator's blurred average image. `renderable` moves a
     latent radially back to the typical norm, as spherical interpolation does, when `rescale` is on."""
 
-    def __init__(self, G, device, defaults, rescale=True):
+    def __init__(self, G, device, rescale=True):
         self.G = G.to(device).eval().requires_grad_(False)
         self.device = device
         self.latent_dim = G.z_dim
-        self.defaults = defaults
         self.rescale = rescale
 
-    def sample_valid(self, n, generator):
-        return torch.randn(n, self.latent_dim, generator=generator).to(self.device)
+    def sample_valid(self, n, rng):
+        return torch.randn(n, self.latent_dim, generator=rng).to(self.device)
 
     def renderable(self, latents):
         if not self.rescale:
@@ -165,3 +170,40 @@ class GaussianLatents:
 
     def render(self, latents):
         return self.G(latents.to(self.device))
+
+
+def dcgan_adapter(path, settings, device):
+    try:
+        G = load_dcgan_checkpoint(path, device=device)
+    except DCGANLoadError as exc:
+        raise UserError(str(exc)) from None
+    return GaussianLatents(G, device, rescale=settings.latent_rescale)
+
+
+class DCGANCheckpoint(GeneratorEntry):
+    description = "a DCGAN checkpoint (-GPath; torch.save's zip format)"
+
+    def recognizes(self, path):
+        return is_dcgan_checkpoint(path)
+
+    def load(self, settings, context, cache):
+        return dcgan_adapter(settings.generator_path, settings, context.device)
+
+
+class FaceDCGAN(GeneratorEntry):
+    """The face DCGAN of the installed gan-face-generate wheel; the untrained built-in when it is not installed."""
+    description = f"the pre-trained face DCGAN of {FACE_DCGAN_PACKAGE} (the untrained built-in without it)"
+
+    def load(self, settings, context, cache):
+        weights = face_dcgan_weights_path()
+        if weights is None:
+            tqdm.write(f"FedKTL: the pre-trained face generator is not installed ({FACE_DCGAN_INSTALL}); "
+                       f"falling back to the untrained built-in generator.")
+            return UNTRAINED.load(settings, context, cache)
+        tqdm.write(f"FedKTL: no -GPath given, so images come from the pre-trained face DCGAN ({weights}); "
+                   f"-gen untrained selects the untrained built-in StyleGAN-style generator.")
+        return dcgan_adapter(weights, settings, context.device)
+
+
+DCGAN = DCGANCheckpoint()
+FACE_DCGAN = FaceDCGAN()

@@ -7,6 +7,7 @@ Per round: upload = (model floats + K label counts) per arrived client; download
 client. Model floats are the parameters and BatchNorm running statistics (flcore/fedavg.py)."""
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -17,74 +18,89 @@ from flcore.fedavg import load_shared_state, shared_state, single_model_name
 from flcore.ftg_ops import ConditionalGenerator, FineTuneSettings, fine_tune
 from flcore.parameters import float_count, weighted_average
 from flcore.servers.serverbase import Server
-from flcore.trainmodel import build_model
-from flutils.options import flag_or_default, raise_first_failed
+from flcore.settings import Settings, option, raise_first_failed
+from flcore.trainmodel import build_model, family_models
 
 # The paper's noise sizes: 100 on CIFAR-10, 256 on CIFAR-100 (we use 256 from 11 classes on).
 SMALL_NOISE_DIM, LARGE_NOISE_DIM, LARGE_NOISE_FROM_CLASSES = 100, 256, 11
 
 
+@dataclass(frozen=True)
+class FedFTGSettings(Settings):
+    title = "FedFTG"
+    description = ("one shared architecture (-m <model name>); the global model's SGD learning rate is -slr "
+                   "(default: -lr, as the paper)")
+    ftg_iterations: int = option(10, "--ftg_iterations",
+                                 help="FedFTG: server iterations I per round, each on a fresh batch of labels and "
+                                      "noise")
+    ftg_generator_steps: int = option(1, "--ftg_generator_steps", help="FedFTG: generator steps I_g per iteration")
+    ftg_distill_steps: int = option(5, "--ftg_distill_steps", help="FedFTG: global-model steps I_d per iteration")
+    ftg_batch_size: int = option(64, "--ftg_batch_size", help="FedFTG: generated samples per batch")
+    # None: 100 up to 10 classes, else 256 (it depends on the run's number of classes).
+    ftg_noise_dim: int = option(None, "--ftg_noise_dim",
+                                help="FedFTG: generator noise size (default: 100 up to 10 classes, else 256, as the "
+                                     "paper)")
+    ftg_generator_lr: float = option(0.01, "--ftg_generator_lr", help="FedFTG: the generator's Adam learning rate")
+    ftg_generator_width: int = option(64, "--ftg_generator_width",
+                                      help="FedFTG: the generator's base width (its first blocks have twice as many "
+                                           "channels)")
+    ftg_beta_tran: float = option(1.0, "--ftg_beta_tran",
+                                  help="FedFTG: weight of the hard-sample term (global model vs. ensemble "
+                                       "disagreement)")
+    ftg_beta_div: float = option(1.0, "--ftg_beta_div", help="FedFTG: weight of the diversity term")
+    # None: the clients' -lr.
+    server_learning_rate: float = option(None, "-slr", "--server_learning_rate",
+                                         help="FedFTG: the global model's SGD learning rate (default: -lr)")
+
+    def validate(self):
+        raise_first_failed([(ok, f"{flag} must be {bound} for FedFTG") for flag, ok, bound in (
+            ("--ftg_iterations", self.ftg_iterations >= 1, ">= 1"),
+            ("--ftg_generator_steps", self.ftg_generator_steps >= 0, ">= 0"),
+            ("--ftg_distill_steps", self.ftg_distill_steps >= 0, ">= 0"),
+            ("--ftg_batch_size", self.ftg_batch_size >= 2, ">= 2 (BatchNorm and pairwise diversity need two)"),
+            ("--ftg_noise_dim", self.ftg_noise_dim is None or self.ftg_noise_dim >= 1, ">= 1"),
+            ("--ftg_generator_lr", self.ftg_generator_lr > 0, "> 0"),
+            ("--ftg_generator_width", self.ftg_generator_width >= 1, ">= 1"),
+            ("--ftg_beta_tran", self.ftg_beta_tran >= 0, ">= 0"),
+            ("--ftg_beta_div", self.ftg_beta_div >= 0, ">= 0"),
+        )] + [(self.server_learning_rate is None or self.server_learning_rate > 0,
+               f"-slr must be > 0, got {self.server_learning_rate}")])
+
+
 class ServerFedFTG(Server):
+    Settings = FedFTGSettings
     phases = ("eval", "train", "fine_tune")
 
     @classmethod
-    def add_flags(cls, parser):
-        group = parser.add_argument_group(
-            "FedFTG", "one shared architecture (-m <model name>); the global model's SGD learning rate is -slr "
-                      "(default: -lr, as the paper)")
-        group.add_argument("--ftg_iterations", type=int, default=10,
-                           help="FedFTG: server iterations I per round, each on a fresh batch of labels and noise")
-        group.add_argument("--ftg_generator_steps", type=int, default=1, help="FedFTG: generator steps I_g per iteration")
-        group.add_argument("--ftg_distill_steps", type=int, default=5,
-                           help="FedFTG: global-model steps I_d per iteration")
-        group.add_argument("--ftg_batch_size", type=int, default=64, help="FedFTG: generated samples per batch")
-        group.add_argument("--ftg_noise_dim", type=int, default=None,
-                           help="FedFTG: generator noise size (default: 100 up to 10 classes, else 256, as the paper)")
-        group.add_argument("--ftg_generator_lr", type=float, default=0.01, help="FedFTG: the generator's Adam learning rate")
-        group.add_argument("--ftg_generator_width", type=int, default=64,
-                           help="FedFTG: the generator's base width (its first blocks have twice as many channels)")
-        group.add_argument("--ftg_beta_tran", type=float, default=1.0,
-                           help="FedFTG: weight of the hard-sample term (global model vs. ensemble disagreement)")
-        group.add_argument("--ftg_beta_div", type=float, default=1.0, help="FedFTG: weight of the diversity term")
-
-    @classmethod
-    def check_flags(cls, args):
-        single_model_name(args.model_family, args.algorithm)
-        raise_first_failed([(ok, f"{flag} must be {bound} for FedFTG") for flag, ok, bound in (
-            ("--ftg_iterations", args.ftg_iterations >= 1, ">= 1"),
-            ("--ftg_generator_steps", args.ftg_generator_steps >= 0, ">= 0"),
-            ("--ftg_distill_steps", args.ftg_distill_steps >= 0, ">= 0"),
-            ("--ftg_batch_size", args.ftg_batch_size >= 2, ">= 2 (BatchNorm and pairwise diversity need two)"),
-            ("--ftg_noise_dim", args.ftg_noise_dim is None or args.ftg_noise_dim >= 1, ">= 1"),
-            ("--ftg_generator_lr", args.ftg_generator_lr > 0, "> 0"),
-            ("--ftg_generator_width", args.ftg_generator_width >= 1, ">= 1"),
-            ("--ftg_beta_tran", args.ftg_beta_tran >= 0, ">= 0"),
-            ("--ftg_beta_div", args.ftg_beta_div >= 0, ">= 0"),
-        )])
+    def check_run(cls, settings, run):
+        single_model_name(run.model_family, run.algorithm)
 
     def prepare(self):
-        args = self.args
-        channels, height, width = self.dataset.image_shape
-        self.model_name = single_model_name(args.model_family, args.algorithm)
-        self.global_model = build_model(self.model_name, self.num_classes, args.feature_dim, channels,
+        settings = self.settings
+        channels, height, width = self.context.image_shape
+        # check_run made sure the family holds one architecture.
+        self.model_name = family_models(self.context.model_family)[0]
+        self.global_model = build_model(self.model_name, self.num_classes, self.context.feature_dim, channels,
                                         height).to(self.device)
         # The module the clients' uploaded states are evaluated with (the class-level ensemble's members).
         self.teacher = copy.deepcopy(self.global_model).requires_grad_(False).eval()
-        noise_dim = flag_or_default(args.ftg_noise_dim, SMALL_NOISE_DIM if self.num_classes < LARGE_NOISE_FROM_CLASSES
-                                    else LARGE_NOISE_DIM, "--ftg_noise_dim", at_least=1)
+        noise_dim = settings.ftg_noise_dim
+        if noise_dim is None:
+            noise_dim = SMALL_NOISE_DIM if self.num_classes < LARGE_NOISE_FROM_CLASSES else LARGE_NOISE_DIM
         self.generator = ConditionalGenerator(noise_dim, self.num_classes, (channels, height, width),
-                                              args.ftg_generator_width).to(self.device)
-        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=args.ftg_generator_lr)
-        self.settings = FineTuneSettings(
-            iterations=args.ftg_iterations, generator_steps=args.ftg_generator_steps,
-            distill_steps=args.ftg_distill_steps, batch_size=args.ftg_batch_size, beta_tran=args.ftg_beta_tran,
-            beta_div=args.ftg_beta_div,
-            learning_rate=flag_or_default(args.server_learning_rate, args.local_learning_rate, "-slr", above=0))
-        self.torch_generator = torch.Generator().manual_seed(self.seed)
+                                              settings.ftg_generator_width).to(self.device)
+        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=settings.ftg_generator_lr)
+        self.fine_tune_settings = FineTuneSettings(
+            iterations=settings.ftg_iterations, generator_steps=settings.ftg_generator_steps,
+            distill_steps=settings.ftg_distill_steps, batch_size=settings.ftg_batch_size,
+            beta_tran=settings.ftg_beta_tran, beta_div=settings.ftg_beta_div,
+            learning_rate=(self.context.learning_rate if settings.server_learning_rate is None
+                           else settings.server_learning_rate))
+        self.rng = torch.Generator().manual_seed(self.seed)
+        tuning = self.fine_tune_settings
         tqdm.write(f"FedFTG: shared model {self.model_name} ({float_count(shared_state(self.global_model))} floats), "
-                   f"noise dim {noise_dim}, I={self.settings.iterations}, I_g={self.settings.generator_steps}, "
-                   f"I_d={self.settings.distill_steps}, batch {self.settings.batch_size}, "
-                   f"server lr {self.settings.learning_rate}")
+                   f"noise dim {noise_dim}, I={tuning.iterations}, I_g={tuning.generator_steps}, "
+                   f"I_d={tuning.distill_steps}, batch {tuning.batch_size}, server lr {tuning.learning_rate}")
 
     @classmethod
     def new_client(cls, setup, spec):
@@ -107,17 +123,17 @@ class ServerFedFTG(Server):
             metrics = fine_tune(self.global_model, self.teacher, [{k: v.to(self.device) for k, v in s.items()}
                                                                   for s in states],
                                 torch.stack([u.tensors["label_counts"] for u in uploads]), self.generator,
-                                self.generator_optimizer, self.settings, self.torch_generator)
+                                self.generator_optimizer, self.fine_tune_settings, self.rng)
         self.round_metrics = {"generator_loss": metrics["generator_loss"], "distill_loss": metrics["distill_loss"]}
         return {}
 
-    def extra_state(self):
+    def state_dict(self):
         return {"global_model": self.global_model.state_dict(), "generator": self.generator.state_dict(),
                 "generator_optimizer": self.generator_optimizer.state_dict(),
-                "torch_generator": self.torch_generator.get_state()}
+                "rng": self.rng.get_state()}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         self.global_model.load_state_dict(state["global_model"])
         self.generator.load_state_dict(state["generator"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
-        self.torch_generator.set_state(state["torch_generator"])
+        self.rng.set_state(state["rng"])

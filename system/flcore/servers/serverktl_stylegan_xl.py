@@ -1,20 +1,22 @@
-"""FedKTL with StyleGAN-XL (the paper's default): as StyleGAN3, but class-conditional, so valid latents
-are mapped with random one-hot ImageNet labels."""
-from flcore.generators.adapter import PaperDefaults
-from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3, StyleGANLatents
-from flcore.errors import UserError
+"""FedKTL with StyleGAN-XL (the paper's default): as StyleGAN3, but class-conditional (valid latents are mapped with
+random one-hot ImageNet labels, flcore/generators/stylegan.py), with the paper's StyleGAN-XL hyperparameters."""
+from dataclasses import dataclass
 
-IMAGENET_CLASSES = 1000
+from flcore.generators.stylegan import STYLEGAN_XL
+from flcore.servers.serverktl import LAMDA_HELP, MU_HELP, SLR_HELP, FedKTLSettings
+from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from flcore.settings import option
+
+
+@dataclass(frozen=True)
+class FedKTLStyleGANXLSettings(FedKTLSettings):
+    title = "FedKTL-stylegan-xl"
+    auto_generators = ("dcgan", "stylegan-xl")
+    lamda: float = option(STYLEGAN_XL.defaults.lamda, "-lam", "--lamda", help=LAMDA_HELP)
+    mu: float = option(STYLEGAN_XL.defaults.mu, "-mu", "--mu", help=MU_HELP)
+    server_learning_rate: float = option(STYLEGAN_XL.defaults.server_lr, "-slr", "--server_learning_rate",
+                                         help=SLR_HELP)
 
 
 class ServerKTLStyleGANXL(ServerKTLStyleGAN3):
-    defaults = PaperDefaults(lamda=1.0, mu=50.0, server_lr=0.01)
-    builtin_c_dim = IMAGENET_CLASSES
-    weights_readme = "stylegan/stylegan-xl-models/README.md"
-
-    def build_generator(self):
-        adapter = super().build_generator()
-        if isinstance(adapter, StyleGANLatents) and adapter.G.c_dim == 0:
-            raise UserError(f"{self.args.generator_path} holds an unconditional generator (c_dim=0), but "
-                            f"StyleGAN-XL is class-conditional; use -algo FedKTL-stylegan-3 for it")
-        return adapter
+    Settings = FedKTLStyleGANXLSettings
