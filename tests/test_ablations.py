@@ -1,5 +1,6 @@
 """FedKTL's ablation switches each change the computation they name; the cloud-edge (K-shot) setting;
 the results table."""
+import dataclasses
 import os
 
 import numpy as np
@@ -28,14 +29,14 @@ def same_states(a, b):
 
 
 def train_rounds(server, rounds):
-    server.args.global_rounds = rounds
+    server.settings = dataclasses.replace(server.settings, global_rounds=rounds)
     server.train()
 
 
 def test_mu_zero_gives_the_same_models_as_no_generated_data(make_server, monkeypatch):
     with_pairs = make_server(*FAST_KTL, "-mu", "0")
     without_pairs = make_server(*FAST_KTL, "-mu", "0")
-    monkeypatch.setattr(without_pairs, "payload_for", lambda client_id: None)
+    monkeypatch.setattr(without_pairs.algorithm, "payload_for", lambda client_id: None)
     train_rounds(with_pairs, 2)
     train_rounds(without_pairs, 2)
     assert with_pairs.clients[0].pair_latents is not None and without_pairs.clients[0].pair_latents is None
@@ -67,10 +68,10 @@ def test_margin_zero_is_plain_scaled_cosine_softmax(make_server, fixed_batch):
 
 def test_feature_transformer_off_stays_fixed(make_server, round_timer):
     server = make_server(*FAST_KTL, "-ft", "0")
-    before = {k: v.clone() for k, v in server.transformer.state_dict().items()}
-    assert not any(p.requires_grad for p in server.transformer.parameters())
+    before = {k: v.clone() for k, v in server.algorithm.transformer.state_dict().items()}
+    assert not any(p.requires_grad for p in server.algorithm.transformer.parameters())
     server.exchange(server.clients, round_timer(server))
-    assert all(torch.equal(before[k], v) for k, v in server.transformer.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in server.algorithm.transformer.state_dict().items())
 
     trained = make_server(*FAST_KTL)
     before = {k: v.clone() for k, v in trained.transformer.state_dict().items()}
@@ -81,10 +82,10 @@ def test_feature_transformer_off_stays_fixed(make_server, round_timer):
 def test_mmd_off(make_server, round_timer):
     server = make_server(*FAST_KTL, "-mmd", "0")
     server.exchange(server.clients, round_timer(server))
-    assert server.round_metrics["align_mmd"] == 0.0
+    assert server.algorithm.round_metrics["align_mmd"] == 0.0
     server = make_server(*FAST_KTL)
     server.exchange(server.clients, round_timer(server))
-    assert server.round_metrics["align_mmd"] > 0.0
+    assert server.algorithm.round_metrics["align_mmd"] > 0.0
 
 
 def class_means(server):
@@ -92,7 +93,7 @@ def class_means(server):
     prototypes = torch.cat([p for p, _ in uploads])
     labels = torch.cat([c for _, c in uploads])
     with torch.no_grad():
-        mapped = server.transformer(prototypes)
+        mapped = server.algorithm.transformer(prototypes)
     return {int(c): mapped[labels == c].mean(0) for c in torch.unique(labels)}
 
 
@@ -101,8 +102,8 @@ def test_centroid_reset(make_server, round_timer, reset):
     server = make_server(*FAST_KTL, "-cr", reset)
     server.exchange(server.clients, round_timer(server))
     means = class_means(server)
-    renderable = server.image_generator.renderable  # the face DCGAN's: class means moved to the typical norm
-    matches = [torch.allclose(server.centroids[c], renderable(m[None])[0], atol=1e-5) for c, m in means.items()]
+    renderable = server.algorithm.image_generator.renderable  # the face DCGAN's: class means moved to the typical norm
+    matches = [torch.allclose(server.algorithm.centroids[c], renderable(m[None])[0], atol=1e-5) for c, m in means.items()]
     assert all(matches) if reset == "1" else not any(matches)
 
 
@@ -115,15 +116,15 @@ def test_reset_proj_sends_proj_every_round(make_server, round_timer):
         client.proj.weight.add_(1.0)
     server.download_floats = 0
     server.send(server.clients)
-    latent = server.image_generator.latent_dim
+    latent = server.algorithm.image_generator.latent_dim
     per_client = 10 * 3 * 32 * 32 + 10 * latent + 64 * latent + latent
     assert server.download_floats == 4 * per_client
-    assert torch.equal(client.proj.weight, server.proj.weight)
+    assert torch.equal(client.proj.weight, server.algorithm.proj.weight)
 
 
 def test_shots_keep_k_samples_per_class(small_run):
-    full = load_federated_dataset(parse_args(small_run()))
-    few = load_federated_dataset(parse_args(small_run("--shots", "2")))
+    full = load_federated_dataset(parse_args(small_run()).run)
+    few = load_federated_dataset(parse_args(small_run("--shots", "2")).run)
     for a, b in zip(full.clients, few.clients):
         full_counts = torch.bincount(a.train_y, minlength=10)
         few_counts = torch.bincount(b.train_y, minlength=10)

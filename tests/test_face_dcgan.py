@@ -19,8 +19,8 @@ from flcore.generators.dcgan import (
     rescale_to_norm,
     typical_gaussian_norm,
 )
-from flcore.servers.serverktl import image_metrics
-from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
+from flcore.generators.stylegan import StyleGANLatents
+from flcore.images import image_metrics
 from flutils import experiment
 from flcore.errors import UserError
 
@@ -97,7 +97,7 @@ def test_class_means_render_average_faces_and_rescaling_restores_distinct_ones(f
     """Issue 14: a mean of Gaussian latents has a small norm and renders the generator's blurred average."""
     z = latents(48, seed=3)
     means = z.view(12, 4, 100).mean(1)
-    adapter = GaussianLatents(face_generator, "cpu", {}, rescale=True)
+    adapter = GaussianLatents(face_generator, "cpu", rescale=True)
     assert means.norm(dim=1).mean() < 0.6 * typical_gaussian_norm(100)
     rescaled = adapter.renderable(means)
     assert torch.allclose(rescaled.norm(dim=1), torch.full((12,), typical_gaussian_norm(100)), atol=1e-4)
@@ -106,7 +106,7 @@ def test_class_means_render_average_faces_and_rescaling_restores_distinct_ones(f
     # Measured: means 0.21 std / 0.25 distance; rescaled 0.39 / 0.51; samples 0.35 / 0.54.
     assert blurred["image_distance"] < 0.7 * sharp["image_distance"]
     assert sharp["image_distance"] > 0.8 * samples["image_distance"]
-    assert torch.equal(GaussianLatents(face_generator, "cpu", {}, rescale=False).renderable(means), means)
+    assert torch.equal(GaussianLatents(face_generator, "cpu", rescale=False).renderable(means), means)
 
 
 def test_typical_gaussian_norm_matches_sampling():
@@ -164,16 +164,16 @@ def test_bad_dcgan_checkpoints_get_one_line_errors(tmp_path, content, fragment):
 @needs_weights
 def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_server, round_timer):
     server = make_server(*FAST_KTL)
-    adapter = server.image_generator
+    adapter = server.algorithm.image_generator
     assert isinstance(adapter, GaussianLatents) and adapter.latent_dim == 100
     server.exchange(server.clients, round_timer(server))
-    norms = server.pair_latents.norm(dim=1)
+    norms = server.algorithm.pair_latents.norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, typical_gaussian_norm(100)), atol=1e-4)
     with torch.no_grad():
-        expected = F.interpolate(adapter.render(server.pair_latents), size=(32, 32), mode="bilinear",
+        expected = F.interpolate(adapter.render(server.algorithm.pair_latents), size=(32, 32), mode="bilinear",
                                  align_corners=False, antialias=True)
-    assert torch.allclose(server.pair_images, expected.clamp(-1, 1), atol=1e-5), "the images are of the sent latents"
-    metrics = server.round_metrics
+    assert torch.allclose(server.algorithm.pair_images, expected.clamp(-1, 1), atol=1e-5), "the images are of the sent latents"
+    metrics = server.algorithm.round_metrics
     assert metrics["pair_latent_norm"] == pytest.approx(typical_gaussian_norm(100), rel=1e-4)
     assert metrics["valid_latent_norm"] == pytest.approx(typical_gaussian_norm(100), rel=0.05)
     assert metrics["image_distance"] > 0.2
@@ -183,21 +183,20 @@ def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_
 def test_without_rescaling_the_class_means_are_rendered_as_they_are(make_server, round_timer):
     server = make_server(*FAST_KTL, "-lrs", "0")
     server.exchange(server.clients, round_timer(server))
-    assert torch.equal(server.pair_latents, server.centroids.detach())
-    assert server.round_metrics["pair_latent_norm"] < server.round_metrics["valid_latent_norm"]
+    assert torch.equal(server.algorithm.pair_latents, server.algorithm.centroids.detach())
+    assert server.algorithm.round_metrics["pair_latent_norm"] < server.algorithm.round_metrics["valid_latent_norm"]
 
 
 def test_without_the_package_the_default_falls_back_in_one_line(make_server, monkeypatch, capsys):
-    import flcore.servers.serverktl_stylegan_3 as module
-    monkeypatch.setattr(module, "face_dcgan_weights_path", lambda: None)
+    monkeypatch.setattr(dcgan, "face_dcgan_weights_path", lambda: None)
     server = make_server(*FAST_KTL)
-    assert isinstance(server.image_generator, StyleGANLatents)
+    assert isinstance(server.algorithm.image_generator, StyleGANLatents)
     lines = [line for line in capsys.readouterr().out.splitlines() if "not installed" in line]
     assert len(lines) == 1 and dcgan.FACE_DCGAN_INSTALL in lines[0]
 
 
 def test_untrained_flag_selects_the_builtin_generator(make_server):
-    assert isinstance(make_server(*FAST_KTL, "-gen", "untrained").image_generator, StyleGANLatents)
+    assert isinstance(make_server(*FAST_KTL, "-gen", "untrained").algorithm.image_generator, StyleGANLatents)
 
 
 def test_gpath_takes_a_dcgan_checkpoint_end_to_end(small_run, results_of, tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from compact_stylegan import CompactGenerator
 from flcore.ktl_ops import arc_margin_loss, etf_cosines
-from flcore.servers.serverktl import to_client_images
+from flcore.images import to_client_images
 from flutils import experiment
 from flutils.data import load_federated_dataset
 from flcore.errors import UserError
@@ -21,10 +21,10 @@ FAST_SERVER = ["-se", "5", "-sbs", "8"]
 def test_generated_pairs_have_client_shape_and_normalization(make_server, round_timer):
     server = make_server("FedKTL-stylegan-3", *FAST_SERVER, "-gen", "untrained")
     server.exchange(server.clients, round_timer(server))
-    images, latents = server.pair_images, server.pair_latents
-    assert images.shape == (10, 3, 32, 32) and latents.shape == (10, server.image_generator.latent_dim)
+    images, latents = server.algorithm.pair_images, server.algorithm.pair_latents
+    assert images.shape == (10, 3, 32, 32) and latents.shape == (10, server.algorithm.image_generator.latent_dim)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0
-    assert torch.equal(latents, server.centroids.detach()), "W latents are sent as they are (the paper)"
+    assert torch.equal(latents, server.algorithm.centroids.detach()), "W latents are sent as they are (the paper)"
 
 
 @pytest.mark.parametrize("source,target", [((3, 64, 64), (1, 28, 28)), ((1, 32, 32), (3, 32, 32)),
@@ -65,11 +65,11 @@ def test_clients_get_proj_once_and_count_downloads(make_server, round_timer):
     server.exchange(server.clients, round_timer(server))
     server.download_floats = 0
     server.send(server.clients[:2])
-    latent = server.image_generator.latent_dim
+    latent = server.algorithm.image_generator.latent_dim
     pairs = 10 * 3 * 32 * 32 + 10 * latent
     proj = 64 * latent + latent
     assert server.download_floats == 2 * (pairs + proj)
-    assert torch.equal(server.clients[0].proj.weight, server.proj.weight)
+    assert torch.equal(server.clients[0].proj.weight, server.algorithm.proj.weight)
     server.download_floats = 0
     server.send(server.clients[:3])
     assert server.download_floats == 3 * pairs + proj
@@ -83,7 +83,7 @@ def test_three_rounds_end_to_end(small_run, results_dir, results_of):
     assert {"align_mmd", "align_centroid", "time_align", "time_generate", "time_prototypes"} <= set(data)
     assert len(data["align_mmd"]) == 3 and np.all(np.isfinite(data["align_mmd"]))
 
-    dataset = load_federated_dataset(parse_args(argv))
+    dataset = load_federated_dataset(parse_args(argv).run)
     classes_per_client = [len(torch.unique(c.train_y)) for c in dataset.clients]
     assert np.all(data["upload_floats"] == sum(classes_per_client) * 10), "prototypes: K floats per local class"
     assert data["download_floats"][0] == 0, "nothing to send before the first round's generation"
@@ -94,12 +94,12 @@ def test_three_rounds_end_to_end(small_run, results_dir, results_of):
 
 def test_stylegan_xl_uses_class_labels(make_server):
     server = make_server("FedKTL-stylegan-xl", *FAST_SERVER, "-gen", "untrained")
-    adapter = server.image_generator
+    adapter = server.algorithm.image_generator
     assert adapter.G.c_dim > 0
     generator = torch.Generator().manual_seed(0)
     labels = adapter.labels(6, generator)
     assert labels.shape == (6, adapter.G.c_dim) and torch.all(labels.sum(1) == 1)
-    assert server.lamda == 1.0 and server.mu == 50.0
+    assert server.algorithm.settings.lamda == 1.0 and server.algorithm.settings.mu == 50.0
 
 
 def test_stylegan_xl_rejects_an_unconditional_pickle(make_server, tmp_path):
@@ -115,10 +115,10 @@ def test_generator_pickle_is_used_by_the_server(make_server, tmp_path):
     path = tmp_path / "g.pkl"
     save_generator_pickle(G, str(path))
     server = make_server("FedKTL-stylegan-3", *FAST_SERVER, "-GPath", str(path))
-    assert server.image_generator.latent_dim == 48
+    assert server.algorithm.image_generator.latent_dim == 48
     ws = torch.randn(2, 48)
     expected = G.synthesis(ws.unsqueeze(1).repeat(1, G.num_ws, 1), noise_mode="const")
-    assert torch.allclose(server.image_generator.render(ws), expected, atol=1e-6)
+    assert torch.allclose(server.algorithm.image_generator.render(ws), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("content,fragment", [(None, "not found"), (b"plain text", "pickle"),

@@ -83,7 +83,7 @@ def test_fgl_two_rounds_end_to_end(small_run, tiny_sd_pipeline, pipeline, result
     argv = fgl_argv(small_run, tiny_sd_pipeline, "-gr", "2")
     assert experiment.main(argv) == 0
     data = results_of(argv)
-    held = [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv)).clients]
+    held = [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv).run).clients]
     model_floats = float_count(shared_state(build_model("tiny_cnn", K, 64, 3, 32)))
     prompt_length = pipeline.tokenizer.model_max_length
     # Round 0: each client sends one prompt (L token ids) per class it holds and receives nothing; round 1: FedAvg.

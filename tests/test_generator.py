@@ -335,3 +335,89 @@ def test_pickle_needing_another_missing_module_names_it(tmp_path):
     path = tmp_path / "g.pkl"
     path.write_bytes(b"cno_such_module_xyz\nThing\n.")
     assert_load_error(path, "needs the module 'no_such_module_xyz'")
+
+
+# ---- the generator registry (flcore/generators/registry.py) ------------------------------------
+
+def registry_file(name, tmp_path, request):
+    """-GPath for registry entry `name`: a file of tiny random weights made here ("" for entries without one)."""
+    from flcore.generators.dcgan import DCGANGenerator
+
+    if name in ("stylegan-3", "stylegan-xl"):
+        save_generator_pickle(small_generator(img_resolution=8, c_dim=5 if name == "stylegan-xl" else 0),
+                              tmp_path / "g.pkl")
+        return str(tmp_path / "g.pkl")
+    if name == "dcgan":
+        torch.manual_seed(0)
+        torch.save({"netG_state_dict": DCGANGenerator(z_dim=16, widths=(8, 4)).state_dict()}, tmp_path / "g.tar")
+        return str(tmp_path / "g.tar")
+    if name == "stable-diffusion":
+        return request.getfixturevalue("tiny_sd_pipeline")
+    return ""
+
+
+# The paper's FedKTL hyperparameters (lambda, mu, server lr) per entry, where the paper has them.
+PAPER_DEFAULTS = {"stylegan-3": (0.1, 50.0, 0.01), "stylegan-xl": (1.0, 50.0, 0.01),
+                  "stable-diffusion": (0.01, 100.0, 0.1), "dcgan": None, "face-dcgan": None, "untrained": None}
+
+
+def test_every_registry_entry_is_tested_below():
+    from flcore.generators.registry import GENERATORS
+
+    assert set(GENERATORS) == set(PAPER_DEFAULTS)
+
+
+@pytest.mark.parametrize("name", list(PAPER_DEFAULTS))
+def test_registry_entry_loads_draws_and_renders(name, tmp_path, request):
+    from types import SimpleNamespace
+
+    from flcore.generators.registry import GENERATORS, load_generator
+    from flcore.load_cache import LoadCache
+    from flcore.servers.serverktl import FedKTLSettings
+
+    settings = FedKTLSettings(generator=name, generator_path=registry_file(name, tmp_path, request), sd_steps=2)
+    context = SimpleNamespace(device=torch.device("cpu"), image_shape=(3, 32, 32))
+    adapter = load_generator(settings, context, LoadCache())
+    latents = adapter.sample_valid(3, torch.Generator().manual_seed(0))
+    assert latents.shape == (3, adapter.latent_dim) and torch.isfinite(latents).all()
+    with torch.no_grad():
+        images = adapter.render(adapter.renderable(latents))
+    assert images.dim() == 4 and len(images) == 3 and images.shape[1] in (1, 3) and torch.isfinite(images).all()
+    defaults = GENERATORS[name].defaults
+    expected = PAPER_DEFAULTS[name]
+    assert (defaults is None) if expected is None else ((defaults.lamda, defaults.mu, defaults.server_lr) == expected)
+
+
+def test_auto_resolves_by_the_file_and_the_algorithm(tmp_path, request):
+    from flcore.generators.registry import resolve_generator
+
+    stylegan = ("dcgan", "stylegan-3")
+    assert resolve_generator("auto", "", stylegan, "face-dcgan") == "face-dcgan"
+    assert resolve_generator("auto", registry_file("dcgan", tmp_path, request), stylegan, "face-dcgan") == "dcgan"
+    assert resolve_generator("auto", registry_file("stylegan-3", tmp_path, request), stylegan,
+                             "face-dcgan") == "stylegan-3"
+    assert resolve_generator("auto", str(tmp_path / "missing.pkl"), stylegan, "face-dcgan") == "stylegan-3"
+    assert resolve_generator("auto", registry_file("dcgan", tmp_path, request), ("stable-diffusion",),
+                             "stable-diffusion") == "stable-diffusion"
+    assert resolve_generator("untrained", registry_file("dcgan", tmp_path, request), stylegan,
+                             "face-dcgan") == "untrained"
+
+
+def test_a_registered_generator_can_be_chosen_with_gen():
+    from types import SimpleNamespace
+
+    from flcore.generators import registry
+    from flcore.generators.base import GeneratorEntry
+    from flcore.load_cache import LoadCache
+    from flcore.servers.serverktl import FedKTLSettings
+
+    class Constant(GeneratorEntry):
+        def load(self, settings, context, cache):
+            return SimpleNamespace(latent_dim=2)
+
+    registry.register_generator("constant", Constant())
+    try:
+        settings = FedKTLSettings(generator="constant")
+        assert registry.load_generator(settings, SimpleNamespace(), LoadCache()).latent_dim == 2
+    finally:
+        del registry.GENERATORS["constant"]

@@ -124,12 +124,12 @@ def test_margin_warmup_rises_linearly_then_stays(make_server):
     server = make_server(*FAST_KTL, "--margin_warmup", "4", "-margin", "0.4")
     margins = []
     for r in range(6):
-        server.round = r
+        server.round = server.algorithm.round = r
         server.send(server.clients)
         margins.append(server.clients[1].margin)
     assert margins == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
     no_warmup = make_server(*FAST_KTL, "-margin", "0.4")
-    assert no_warmup.margin_at(0) == 0.4, "no warm-up: the full margin from round 0 (the paper)"
+    assert no_warmup.algorithm.margin_at(0) == 0.4, "no warm-up: the full margin from round 0 (the paper)"
 
 
 @pytest.mark.parametrize("clip,clipped", [("0", 0.0), ("1e-4", 1.0)])
@@ -140,7 +140,7 @@ def test_client_gradient_clip_is_measured_and_applied(make_server, round_timer, 
     client.train()
     assert len(client.grad_norms) == client.batches_last_round and min(client.grad_norms) > 0
     server.exchange([client], round_timer(server))
-    metrics = server.round_metrics
+    metrics = server.algorithm.round_metrics
     assert metrics["client_grad_norm"] == pytest.approx(float(torch.stack(client.grad_norms).mean()))
     assert metrics["clipped_fraction"] == clipped
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(client.model.parameters(), before)))
@@ -156,10 +156,10 @@ def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(make_server,
     client.train()
     timer = round_timer(server)
     server.exchange([client], timer)
-    assert client.transfer_losses == [] and math.isnan(server.round_metrics["transfer_loss"])
+    assert client.transfer_losses == [] and math.isnan(server.algorithm.round_metrics["transfer_loss"])
     server.send([client])
     client.train()
     assert len(client.transfer_losses) == client.batches_last_round
     server.exchange([client], timer)
-    assert server.round_metrics["transfer_loss"] == pytest.approx(float(torch.stack(client.transfer_losses).mean()))
-    assert server.round_metrics["transfer_loss"] > 0
+    assert server.algorithm.round_metrics["transfer_loss"] == pytest.approx(float(torch.stack(client.transfer_losses).mean()))
+    assert server.algorithm.round_metrics["transfer_loss"] > 0

@@ -243,7 +243,7 @@ def run_alignment(epochs, lamda=1.0, labels=None, use_mmd=True, seed=0):
     absent_before = centroids.detach()[4].clone()
     stats = align_domains(transformer, centroids, prototypes, labels, valid_sampler(),
                           optimizer, epochs=epochs, batch_size=16, lamda=lamda,
-                          generator=seeded(1), use_mmd=use_mmd)
+                          rng=seeded(1), use_mmd=use_mmd)
     return stats, transformer, centroids, prototypes, labels, absent_before
 
 
@@ -302,5 +302,5 @@ def test_align_domains_rejects_a_single_prototype_before_touching_centroids():
     before = centroids.detach().clone()
     with pytest.raises(ValueError, match="at least 2 prototypes"):
         align_domains(transformer, centroids, prototypes[:1], labels[:1], valid_sampler(),
-                      optimizer, epochs=1, batch_size=16, lamda=1.0, generator=seeded(0))
+                      optimizer, epochs=1, batch_size=16, lamda=1.0, rng=seeded(0))
     assert torch.equal(centroids.detach(), before)

@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from flcore.generators.dcgan import typical_gaussian_norm  # noqa: E402
 from flcore.load_cache import LoadCache  # noqa: E402
-from flcore.servers.serverktl import to_client_images  # noqa: E402
+from flcore.images import to_client_images  # noqa: E402
 from flutils import experiment  # noqa: E402
 from flutils.data import load_federated_dataset  # noqa: E402
 from flcore.errors import UserError  # noqa: E402
@@ -54,18 +54,19 @@ def sd_server(sd_argv, server_from_argv, tiny_sd_pipeline):
 
 
 def test_latent_dim_comes_from_the_unet_and_vae_configs(sd_server):
-    adapter = sd_server().image_generator
+    adapter = sd_server().algorithm.image_generator
     assert adapter.latent_shape == TINY_LATENT_SHAPE and adapter.latent_dim == 4 * 8 * 8
     assert adapter.pipeline.default_resolution == 64
-    smaller = sd_server("--sd_resolution", "32").image_generator
+    smaller = sd_server("--sd_resolution", "32").algorithm.image_generator
     assert smaller.latent_shape == (4, 4, 4) and smaller.latent_dim == 64
 
 
 def test_paper_defaults_and_float32_on_cpu(sd_server):
     server = sd_server("--sd_dtype", "float16")
-    assert (server.lamda, server.mu, server.server_lr) == (0.01, 100.0, 0.1)
-    assert server.image_generator.pipeline.dtype == torch.float32
-    assert server.image_generator.pipeline.safety_checker is None
+    assert (server.algorithm.settings.lamda, server.algorithm.settings.mu,
+            server.algorithm.settings.server_learning_rate) == (0.01, 100.0, 0.1)
+    assert server.algorithm.image_generator.pipeline.dtype == torch.float32
+    assert server.algorithm.image_generator.pipeline.safety_checker is None
 
 
 def test_pipeline_is_loaded_once_per_experiment(sd_argv, server_from_argv):
@@ -73,12 +74,12 @@ def test_pipeline_is_loaded_once_per_experiment(sd_argv, server_from_argv):
     cache = LoadCache()
     first = server_from_argv(sd_argv(), cache=cache)
     second = server_from_argv(sd_argv("--seed", "3"), cache=cache)
-    assert first.image_generator.pipeline is second.image_generator.pipeline
-    assert server_from_argv(sd_argv()).image_generator.pipeline is not first.image_generator.pipeline
+    assert first.algorithm.image_generator.pipeline is second.algorithm.image_generator.pipeline
+    assert server_from_argv(sd_argv()).algorithm.image_generator.pipeline is not first.algorithm.image_generator.pipeline
 
 
 def test_valid_latents_are_scaled_standard_normal(sd_server):
-    adapter = sd_server().image_generator
+    adapter = sd_server().algorithm.image_generator
     sigma = adapter.pipeline.initial_noise_sigma(2)
     assert sigma > 5, "Euler's initial noise is far wider than N(0, 1)"
     assert adapter.noise_sigma == pytest.approx(sigma)
@@ -91,7 +92,7 @@ def test_valid_latents_are_scaled_standard_normal(sd_server):
 
 @pytest.mark.parametrize("rescale", ["1", "0"])
 def test_class_means_move_to_the_noise_norm_unless_lrs_0(sd_server, rescale):
-    adapter = sd_server("-lrs", rescale).image_generator
+    adapter = sd_server("-lrs", rescale).algorithm.image_generator
     means = adapter.sample_valid(12, torch.Generator().manual_seed(2)).view(3, 4, -1).mean(1)
     out = adapter.renderable(means)
     if rescale == "0":
@@ -149,7 +150,7 @@ def v15_shaped_copy(tiny_sd_pipeline, folder):
 
 
 def test_a_folder_laid_out_like_the_v15_release_loads(tiny_sd_pipeline, tmp_path, sd_server):
-    adapter = sd_server(path=v15_shaped_copy(tiny_sd_pipeline, str(tmp_path / "v15"))).image_generator
+    adapter = sd_server(path=v15_shaped_copy(tiny_sd_pipeline, str(tmp_path / "v15"))).algorithm.image_generator
     assert type(adapter.pipeline.scheduler).__name__ == "PNDMScheduler" and adapter.noise_sigma == 1.0
     assert adapter.pipeline.safety_checker is None
     images = adapter.render(adapter.sample_valid(1, torch.Generator().manual_seed(0)))
@@ -158,7 +159,7 @@ def test_a_folder_laid_out_like_the_v15_release_loads(tiny_sd_pipeline, tmp_path
 
 def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_server, round_timer):
     server = sd_server("-gbs", "4")
-    adapter = server.image_generator
+    adapter = server.algorithm.image_generator
     batch_sizes = []
     render = adapter.render
 
@@ -168,7 +169,7 @@ def test_one_image_per_class_at_the_clients_size_in_gbs_batches(sd_server, round
 
     adapter.render = counted_render
     server.exchange(server.clients, round_timer(server))
-    images, latents = server.pair_images, server.pair_latents
+    images, latents = server.algorithm.pair_images, server.algorithm.pair_latents
     assert batch_sizes == [4, 4, 2]
     assert images.shape == (10, *server.dataset.image_shape) and latents.shape == (10, adapter.latent_dim)
     assert images.min() >= -1 and images.max() <= 1
@@ -184,7 +185,7 @@ def test_two_rounds_end_to_end(sd_argv, results_of):
     data = results_of(argv)
     assert len(data["align_mmd"]) == 2 and np.all(np.isfinite(data["align_mmd"]))
     assert len(data["rs_test_acc"]) == 3 and np.all(np.isfinite(data["rs_train_loss"][1:]))
-    image_floats = int(np.prod(load_federated_dataset(parse_args(argv)).image_shape))
+    image_floats = int(np.prod(load_federated_dataset(parse_args(argv).run).image_shape))
     pairs, proj = 10 * (image_floats + 256), 64 * 256 + 256
     assert data["download_floats"].tolist() == [0, 4 * (pairs + proj)], "K images + K latents, proj once"
 

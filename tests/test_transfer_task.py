@@ -20,7 +20,7 @@ def server_with_pairs(make_server, round_timer):
     def build(*flags):
         server = make_server("FedKTL-stylegan-3", *FAST_SERVER, *flags)
         server.exchange(server.clients, round_timer(server))
-        server.round = 1
+        server.round = server.algorithm.round = 1
         server.send(server.clients)
         return server
     return build
@@ -28,29 +28,29 @@ def server_with_pairs(make_server, round_timer):
 
 def test_pairs_per_class_sends_the_centroids_first_then_latents_around_them(server_with_pairs):
     server = server_with_pairs("--kt_pairs_per_class", "3")
-    k, latent = server.num_classes, server.image_generator.latent_dim
-    assert server.pair_latents.shape == (3 * k, latent) and server.pair_images.shape[0] == 3 * k
-    assert torch.equal(server.pair_latents[:k], server.centroids.detach()), "rows 0..K-1: the class centroids"
+    k, latent = server.algorithm.num_classes, server.algorithm.image_generator.latent_dim
+    assert server.algorithm.pair_latents.shape == (3 * k, latent) and server.algorithm.pair_images.shape[0] == 3 * k
+    assert torch.equal(server.algorithm.pair_latents[:k], server.algorithm.centroids.detach()), "rows 0..K-1: the class centroids"
     assert len(server.clients[0].pair_latents) == 3 * k
     # StyleGAN's W latents are rendered as they are, so each extra latent is 0.7 c + 0.3 w with w a valid latent.
-    extra = server.pair_latents[k:].view(2, k, latent)
-    mixed_in = (extra - 0.7 * server.centroids.detach()) / 0.3
-    assert mixed_in.norm(dim=2).mean().item() == pytest.approx(server.valid_latent_norm, rel=0.1)
+    extra = server.algorithm.pair_latents[k:].view(2, k, latent)
+    mixed_in = (extra - 0.7 * server.algorithm.centroids.detach()) / 0.3
+    assert mixed_in.norm(dim=2).mean().item() == pytest.approx(server.algorithm.valid_latent_norm, rel=0.1)
     assert torch.cdist(mixed_in[0], mixed_in[1]).diagonal().min() > 1, "a fresh valid latent for every pair"
 
 
 def test_pair_spread_zero_repeats_the_centroids(server_with_pairs):
     server = server_with_pairs("--kt_pairs_per_class", "2", "--kt_pair_spread", "0")
-    k = server.num_classes
-    assert torch.equal(server.pair_latents[k:], server.pair_latents[:k])
-    assert torch.allclose(server.pair_images[k:], server.pair_images[:k], atol=1e-5)
+    k = server.algorithm.num_classes
+    assert torch.equal(server.algorithm.pair_latents[k:], server.algorithm.pair_latents[:k])
+    assert torch.allclose(server.algorithm.pair_images[k:], server.algorithm.pair_images[:k], atol=1e-5)
 
 
 def test_one_pair_per_class_leaves_the_random_stream_of_the_paper_setting(server_with_pairs):
     default = server_with_pairs()
     explicit = server_with_pairs("--kt_pairs_per_class", "1", "--kt_pair_spread", "0.9")
-    assert torch.equal(default.pair_latents, explicit.pair_latents)
-    assert torch.equal(default.torch_generator.get_state(), explicit.torch_generator.get_state())
+    assert torch.equal(default.algorithm.pair_latents, explicit.algorithm.pair_latents)
+    assert torch.equal(default.algorithm.align_rng.get_state(), explicit.algorithm.align_rng.get_state())
 
 
 def test_feature_norm_makes_the_transfer_loss_blind_to_the_feature_scale(server_with_pairs):
@@ -81,15 +81,15 @@ def test_without_base_gradient_only_proj_learns_the_task(server_with_pairs):
 
 def test_mu_warmup_raises_mu_linearly_and_reaches_the_full_value(server_with_pairs, fixed_batch):
     server = server_with_pairs("--mu_warmup", "4", "-mu", "20")
-    assert [server.mu_at(r) for r in range(6)] == [0.0, 5.0, 10.0, 15.0, 20.0, 20.0]
+    assert [server.algorithm.mu_at(r) for r in range(6)] == [0.0, 5.0, 10.0, 15.0, 20.0, 20.0]
     assert all(client.mu == 5.0 for client in server.clients), "send() hands each client the round's mu"
     client = server.clients[0]
     x, y = fixed_batch(client)
     client.model.eval()
     classification = client.classification_loss(x, y)
-    generator_state = client.generator.get_state()
+    rng_state = client.rng.get_state()
     transfer = client.transfer_loss(*client.next_pairs())
-    client.generator.set_state(generator_state)
+    client.rng.set_state(rng_state)
     client.pair_order = torch.empty(0, dtype=torch.long)
     assert client.training_loss(x, y).item() == pytest.approx((classification + 5.0 * transfer).item(), rel=1e-5)
 
@@ -126,12 +126,12 @@ def test_diagnostics_measure_the_two_gradients_and_leave_training_unchanged(serv
 
 def test_round_metrics_include_the_shift_and_gradient_measures(server_with_pairs, round_timer):
     server = server_with_pairs("--kt_diagnostics", "1")
-    first = server.pair_latents.clone()
+    first = server.algorithm.pair_latents.clone()
     for client in server.clients:
         client.train()
     server.exchange(server.clients, round_timer(server))
-    m = server.round_metrics
-    assert m["centroid_shift"] == pytest.approx(centroid_shift(first, server.pair_latents), rel=1e-6)
+    m = server.algorithm.round_metrics
+    assert m["centroid_shift"] == pytest.approx(centroid_shift(first, server.algorithm.pair_latents), rel=1e-6)
     assert m["centroid_shift"] > 0
     assert -1 <= m["grad_cosine"] <= 1 and m["transfer_grad_norm"] > 0 and m["classification_grad_norm"] > 0
 
