@@ -57,12 +57,16 @@ def test_etf_off_uses_a_plain_linear_head(make_server, fixed_batch):
 
 
 def test_margin_zero_is_plain_scaled_cosine_softmax(make_server, fixed_batch):
-    client = make_server(*FAST_KTL, "-margin", "0").clients[0]
+    server = make_server(*FAST_KTL, "-margin", "0")
+    server.send(server.clients)  # the margin comes with each round's payload
+    client = server.clients[0]
     client.model.eval()
     x, y = fixed_batch(client)
     cosines = etf_cosines(client.model(x), client.etf)
     assert client.training_loss(x, y).item() == pytest.approx(F.cross_entropy(64 * cosines, y).item(), rel=1e-6)
-    with_margin = make_server(*FAST_KTL).clients[0]
+    server = make_server(*FAST_KTL)
+    server.send(server.clients)
+    with_margin = server.clients[0]
     assert with_margin.training_loss(x, y).item() > client.training_loss(x, y).item()
 
 
@@ -74,9 +78,9 @@ def test_feature_transformer_off_stays_fixed(make_server, round_timer):
     assert all(torch.equal(before[k], v) for k, v in server.algorithm.transformer.state_dict().items())
 
     trained = make_server(*FAST_KTL)
-    before = {k: v.clone() for k, v in trained.transformer.state_dict().items()}
+    before = {k: v.clone() for k, v in trained.algorithm.transformer.state_dict().items()}
     trained.exchange(trained.clients, round_timer(trained))
-    assert not all(torch.equal(before[k], v) for k, v in trained.transformer.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in trained.algorithm.transformer.state_dict().items())
 
 
 def test_mmd_off(make_server, round_timer):

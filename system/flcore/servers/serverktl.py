@@ -16,7 +16,8 @@ from flcore.generators.registry import AUTO, GENERATORS, load_generator
 from flcore.generators.stable_diffusion import StableDiffusionSettings
 from flcore.generators.stylegan import STYLEGAN_3
 from flcore.images import image_metrics, to_client_images
-from flcore.ktl_ops import FeatureTransformer, FixedProjection, align_domains, class_mean_reset, simplex_etf
+from flcore.ktl_ops import (PAPER_MARGIN, FeatureTransformer, FixedProjection, align_domains, class_mean_reset,
+                            simplex_etf)
 from flcore.servers.serverbase import Server
 from flcore.settings import option, raise_first_failed
 
@@ -61,7 +62,7 @@ class FedKTLSettings(StableDiffusionSettings):
                                "affine parameters and statistics (auxiliary BN); no effect on models without "
                                "BatchNorm")
     etf: bool = option(True, "-etf", "--etf", help="ETF classifier (0: a plain linear head with cross-entropy)")
-    margin: float = option(0.5, "-margin", "--margin", help="angular margin m of the ETF loss (0: no margin)")
+    margin: float = option(PAPER_MARGIN, "-margin", "--margin", help="angular margin m of the ETF loss (0: no margin)")
     margin_warmup: int = option(0, "--margin_warmup",
                                 help="raise the margin linearly from 0 to -margin over this many rounds (0: full from "
                                      "the start, the paper)")
