@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
-from flcore.algorithms import server_class
 from flcore.exchange import PhaseTimer
+from flcore.runner import Runner, run_name
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
 from flutils.data import load_federated_dataset
 from flutils.options import parse_args
-from flutils.results import read_h5, run_name
+from flutils.results import read_h5
 
 
 @pytest.fixture(scope="session")
@@ -42,16 +42,18 @@ def small_run(small_argv, digits_root, tmp_path):
 
 @pytest.fixture(scope="session")
 def server_from_argv():
-    """The one place tests build a server (and with it its clients): run 0 of argv's -algo on the CPU."""
+    """The one place tests build a run (a Runner: its algorithm's server and its clients): run 0 of argv's -algo on
+    the CPU."""
     def build(argv, cache=None):
-        args = parse_args(argv)
-        return server_class(args.algorithm)(args, load_federated_dataset(args), 0, torch.device("cpu"), cache)
+        config = parse_args(argv)
+        return Runner(config, load_federated_dataset(config.run), 0, torch.device("cpu"), cache)
     return build
 
 
 @pytest.fixture
 def make_server(small_run, server_from_argv):
-    """make_server(algorithm, *flags): the server of a small_run of `algorithm` with `flags`."""
+    """make_server(algorithm, *flags): the Runner of a small_run of `algorithm` with `flags` (its server is
+    `.algorithm`)."""
     def build(algorithm, *flags):
         return server_from_argv(small_run("-algo", algorithm, *flags))
     return build
@@ -59,7 +61,7 @@ def make_server(small_run, server_from_argv):
 
 @pytest.fixture(scope="session")
 def round_timer():
-    """round_timer(server): the per-phase timer that server.exchange(arrived, timer) takes."""
+    """round_timer(runner): the per-phase timer that runner.exchange(arrived, timer) takes."""
     def timer(server):
         return PhaseTimer(server.phases, server.device)
     return timer
@@ -85,8 +87,8 @@ def results_dir():
 def results_of():
     """results_of(argv, run=0): the .h5 that main.py wrote for one run of these flags, as read_h5 reads it."""
     def read(argv, run=0):
-        args = parse_args(argv)
-        return read_h5(os.path.join(args.results_dir, run_name(args, run) + ".h5"))
+        settings = parse_args(argv).run
+        return read_h5(os.path.join(settings.results_dir, run_name(settings, run) + ".h5"))
     return read
 
 

@@ -1,40 +1,56 @@
-"""Algorithms by name: each maps to the server class that runs it (imported only when chosen)."""
-import importlib
-
+"""Algorithms by name: each maps to the server class that runs it. The built-in ones are imported here, so the
+import graph is the real one; `register` adds another (a user's algorithm registers itself when its module is
+imported, e.g. with main.py's --import)."""
 from flcore.errors import UserError
+from flcore.servers.serverdistill import ServerFedDistill
+from flcore.servers.serverfgl import ServerFGL
+from flcore.servers.serverfml import ServerFML
+from flcore.servers.serverftg import ServerFedFTG
+from flcore.servers.servergen import ServerFedGen
+from flcore.servers.servergh import ServerFedGH
+from flcore.servers.serverkd import ServerFedKD
+from flcore.servers.serverktl_stable_diffusion import ServerKTLStableDiffusion
+from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
+from flcore.servers.serverktl_stylegan_xl import ServerKTLStyleGANXL
+from flcore.servers.serverlg import ServerLG
+from flcore.servers.serverlocal import ServerLocal
+from flcore.servers.serverproto import ServerFedProto
+from flcore.servers.servertgp import ServerFedTGP
 
 ALGORITHMS = {
-    "Local": "flcore.servers.serverlocal:ServerLocal",
-    "FedKTL-stylegan-3": "flcore.servers.serverktl_stylegan_3:ServerKTLStyleGAN3",
-    "FedKTL-stylegan-xl": "flcore.servers.serverktl_stylegan_xl:ServerKTLStyleGANXL",
-    "FedKTL-stable-diffusion": "flcore.servers.serverktl_stable_diffusion:ServerKTLStableDiffusion",
-    "FedDistill": "flcore.servers.serverdistill:ServerFedDistill",
-    "FD": "flcore.servers.serverdistill:ServerFedDistill",
-    "FML": "flcore.servers.serverfml:ServerFML",
-    "LG-FedAvg": "flcore.servers.serverlg:ServerLG",
-    "LG": "flcore.servers.serverlg:ServerLG",
-    "FedGen": "flcore.servers.servergen:ServerFedGen",
-    "FedProto": "flcore.servers.serverproto:ServerFedProto",
-    "FedKD": "flcore.servers.serverkd:ServerFedKD",
-    "FedGH": "flcore.servers.servergh:ServerFedGH",
-    "FedTGP": "flcore.servers.servertgp:ServerFedTGP",
-    "FedFTG": "flcore.servers.serverftg:ServerFedFTG",
-    "FGL": "flcore.servers.serverfgl:ServerFGL",
+    "Local": ServerLocal,
+    "FedKTL-stylegan-3": ServerKTLStyleGAN3,
+    "FedKTL-stylegan-xl": ServerKTLStyleGANXL,
+    "FedKTL-stable-diffusion": ServerKTLStableDiffusion,
+    "FedDistill": ServerFedDistill,
+    "FD": ServerFedDistill,
+    "FML": ServerFML,
+    "LG-FedAvg": ServerLG,
+    "LG": ServerLG,
+    "FedGen": ServerFedGen,
+    "FedProto": ServerFedProto,
+    "FedKD": ServerFedKD,
+    "FedGH": ServerFedGH,
+    "FedTGP": ServerFedTGP,
+    "FedFTG": ServerFedFTG,
+    "FGL": ServerFGL,
 }
+
+
+def register(name, server_cls):
+    """Makes `-algo name` run `server_cls` (a flcore.servers.serverbase.Server subclass with its Settings)."""
+    if name in ALGORITHMS and ALGORITHMS[name] is not server_cls:
+        raise ValueError(f"algorithm name '{name}' is taken by {ALGORITHMS[name].__name__}")
+    ALGORITHMS[name] = server_cls
+    return server_cls
 
 
 def server_class(name):
     if name not in ALGORITHMS:
         raise UserError(f"unknown algorithm '{name}'; choose from: {', '.join(ALGORITHMS)}")
-    module, cls = ALGORITHMS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return ALGORITHMS[name]
 
 
 def server_classes():
     """Every registered server class once (aliases share one), in registry order."""
-    classes = []
-    for name in ALGORITHMS:
-        cls = server_class(name)
-        if cls not in classes:
-            classes.append(cls)
-    return classes
+    return list(dict.fromkeys(ALGORITHMS.values()))

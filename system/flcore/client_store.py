@@ -144,6 +144,21 @@ def read_state_file(path, tensors=True):
     return state, metadata
 
 
+def merge_checkpoint_states(parts, shares, num_clients):
+    """One checkpoint state (the format of a store's checkpoint_state) from the states of workers' stores, worker
+    k holding the clients shares[k]: so a run in workers and one in this process resume each other."""
+    if parts[0]["store"] == DiskStore.kind:
+        files = {}
+        for part in parts:
+            files.update(part["files"])
+        return {**parts[0], "files": dict(sorted(files.items()))}
+    states = [None] * num_clients
+    for share, part in zip(shares, parts):
+        for client_id, state in zip(share, part["states"]):
+            states[client_id] = state
+    return {"store": MemoryStore.kind, "states": states}
+
+
 class MemoryStore:
     """Every client resident, as in the reference library's simulation; checkpoints hold the client states."""
     kind = "memory"

@@ -10,6 +10,7 @@ since a forked child that runs OpenMP with more than one thread hangs on the par
 with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k) modulo the
 visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared memory to outlive a worker), loaded
 straight onto the receiver's device."""
+import dataclasses
 import io
 import multiprocessing
 import traceback
@@ -19,25 +20,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from flcore.algorithms import server_class
-from flcore.client_store import DiskStore, state_bytes
-from flcore.servers.serverbase import build_clients, run_client_turns, store_choice_line
-from flcore.trainmodel import family_models
+from flcore.client_store import DiskStore, merge_checkpoint_states, state_bytes
 from flcore.errors import UserError
+from flcore.runner import build_clients, run_client_turns, store_choice_line
+from flcore.trainmodel import family_models
 
 
 @dataclass
 class WorkerSetup:
-    """What a worker builds its share of the clients from."""
-    args: object
-    run: int
+    """What a worker builds its share of the clients from: the run's ClientPlan, its data cut to the share."""
+    plan: object  # flcore.runner.ClientPlan, without reference_model (it stays with the runner)
     device: str
     threads: int
-    image_shape: tuple
-    data: dict  # {client id: ClientData} of its share
-    slow_train: set
-    spec: object  # the server's client_spec() Payload
-    store_location: tuple
 
 
 def pack(message):
@@ -54,10 +48,10 @@ def serve(connection, setup):
     """A worker's life: build its clients, then answer commands until "close"."""
     torch.set_num_threads(setup.threads)
     device = torch.device(setup.device)
+    plan = dataclasses.replace(setup.plan, device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = setup.args.cudnn_benchmark
-    server_cls = server_class(setup.args.algorithm)
+        torch.backends.cudnn.benchmark = plan.settings.cudnn_benchmark
 
     def answer(work):
         try:
@@ -70,20 +64,18 @@ def serve(connection, setup):
     share = {}
 
     def build():
-        share["clients"], share["store"] = build_clients(
-            server_cls, setup.args, setup.run, device, setup.image_shape, setup.data, setup.slow_train, setup.spec,
-            setup.store_location)
+        share["clients"], share["store"] = build_clients(plan, sorted(plan.data))
         return share["store"].kind, [state_bytes(client) for client in share["clients"].values()]
 
     def spill():
         """To disk, as a sequential run's --client_state auto does, when another worker's estimate spilled."""
-        share["store"] = DiskStore(*setup.store_location, owned=set(setup.data))
+        share["store"] = DiskStore(*plan.store_location, owned=set(plan.data))
         for client in share["clients"].values():
             share["store"].add(client)
 
     answer(build)
     commands = {
-        "turns": lambda body: run_client_turns(share["clients"], share["store"], body, server_cls.upload_phase),
+        "turns": lambda body: run_client_turns(share["clients"], share["store"], body, plan.server_cls.upload_phase),
         "state": lambda body: share["store"].checkpoint_state(list(share["clients"].values())),
         "restore": lambda body: share["store"].restore(list(share["clients"].values()), body),
         "checkpoint_written": lambda body: share["store"].checkpoint_written(),
@@ -120,8 +112,8 @@ def balanced_shares(costs, workers):
 
 
 class ClientPool:
-    """The clients of one run in `workers` processes (Server's `remote`): start(server) after the server is built,
-    then run_turns, state_dict, load_state_dict, checkpoint_written; close() ends the workers."""
+    """The engine that runs a run's clients in `workers` processes (the Runner's engine, as LocalClients):
+    start(plan), run_turns, state_dict, load_state_dict, checkpoint_written; close() ends the workers."""
 
     def __init__(self, workers, threads):
         self.workers = workers
@@ -130,35 +122,33 @@ class ClientPool:
         self.owner = {}
         self.device = torch.device("cpu")
 
-    def client_costs(self, server):
+    def client_costs(self, plan):
         """Each client's training cost, estimated as its model's forward FLOPs times its training samples:
         deterministic and free. A timed training step per model was tried and ranked the models worse on this
         shared 2-core machine (single steps are noisy, and a turn also holds FedKTL's transfer step, evaluation and
         the prototype pass); FLOPs miss that depthwise and NHWC convolutions cost more or less per FLOP."""
-        family_size = len(family_models(server.args.model_family))
+        family_size = len(family_models(plan.settings.model_family))
         flops = {}
         costs = []
-        for client_id in range(server.num_clients):
+        for client_id in sorted(plan.data):
             member = client_id % family_size
             if member not in flops:
-                flops[member] = forward_flops(server.reference_model(client_id), server.dataset.image_shape)
-            costs.append(flops[member] * max(len(server.dataset.clients[client_id].train_y), 1))
+                flops[member] = forward_flops(plan.reference_model(client_id), plan.image_shape)
+            costs.append(flops[member] * max(len(plan.data[client_id].train_y), 1))
         return costs
 
-    def start(self, server):
+    def start(self, plan):
         """Spawns the workers and builds their clients; all wait in memory, or all on disk when one worker's
         --client_state auto estimate says the run does not fit."""
-        self.server = server
-        self.device = server.device
-        self.shares = balanced_shares(self.client_costs(server), self.workers)
+        self.num_clients = plan.settings.num_clients
+        self.device = plan.device
+        self.shares = balanced_shares(self.client_costs(plan), self.workers)
         self.owner = {client_id: worker for worker, share in enumerate(self.shares) for client_id in share}
         forkable = self.threads == 1 and self.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if forkable else "spawn")
-        location = server.store_location()
         for worker, share in enumerate(self.shares):
-            setup = WorkerSetup(server.args, server.run, str(self.worker_device(worker)), self.threads,
-                                server.dataset.image_shape, {i: server.dataset.clients[i] for i in share},
-                                {i for i in share if i in server.slow_train}, server.spec, location)
+            worker_plan = dataclasses.replace(plan, data={i: plan.data[i] for i in share}, reference_model=None)
+            setup = WorkerSetup(worker_plan, str(self.worker_device(worker)), self.threads)
             ours, theirs = context.Pipe()
             process = context.Process(target=serve, args=(theirs, setup), daemon=True,
                                       name=f"fl-clients-{worker}")
@@ -169,10 +159,10 @@ class ClientPool:
         built = [self.receive(worker) for worker in range(self.workers)]
         if {kind for kind, _ in built} == {"memory", "disk"}:
             self.broadcast("spill")
-        if server.args.client_state == "auto":
+        if plan.settings.client_state == "auto":
             sizes = [size for _, worker_sizes in built for size in worker_sizes]
             kind = "disk" if any(kind == "disk" for kind, _ in built) else "memory"
-            tqdm.write(store_choice_line(kind, location[0], sizes, server.num_clients))
+            tqdm.write(store_choice_line(kind, plan.store_location[0], sizes, self.num_clients))
         tqdm.write(f"clients in {self.workers} worker processes ({self.threads} CPU thread(s) each): "
                    + "; ".join(f"clients {', '.join(map(str, share))}" if len(share) <= 8 else f"{len(share)} clients"
                                for share in self.shares))
@@ -219,17 +209,7 @@ class ClientPool:
 
     def state_dict(self):
         """The client states in the format of a sequential run's store, so either kind of run resumes the other."""
-        parts = self.broadcast("state")
-        if parts[0]["store"] == "disk":
-            files = {}
-            for part in parts:
-                files.update(part["files"])
-            return {**parts[0], "files": dict(sorted(files.items()))}
-        states = [None] * self.server.num_clients
-        for share, part in zip(self.shares, parts):
-            for client_id, state in zip(share, part["states"]):
-                states[client_id] = state
-        return {"store": "memory", "states": states}
+        return merge_checkpoint_states(self.broadcast("state"), self.shares, self.num_clients)
 
     def load_state_dict(self, state):
         self.broadcast("restore", state)

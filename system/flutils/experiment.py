@@ -6,14 +6,15 @@ import sys
 
 import torch
 
-from flcore.algorithms import server_class
+from flcore.errors import UserError
 from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
+from flcore.runner import Runner, run_name
 from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
-from flcore.errors import UserError
 from flutils.options import parse_args
-from flutils.results import experiment_name, plot_accuracy, run_name, summarize, write_summary
+from flutils.results import experiment_name, plot_accuracy, summarize, write_h5, write_summary
+from flutils.visualize import save_image_grid
 
 
 def resolve_device(args):
@@ -33,22 +34,34 @@ def check_device_flags(args, device):
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
 
-def run_experiment(args):
-    """All runs of one configuration; returns the summary over runs."""
+def run_experiment(config):
+    """All runs of one configuration (flcore/settings.py: Config); returns the summary over runs."""
     threads = torch.get_num_threads()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    if config.run.num_threads:
+        torch.set_num_threads(config.run.num_threads)
     try:
-        return run_all(args)
+        return run_all(config)
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
 
 
-def run_all(args):
+def image_saver(args, run):
+    """The runner's image sink: an algorithm's images of a round saved as a captioned grid every --image_every
+    rounds and after the last one."""
+    folder = os.path.join(args.results_dir, run_name(args, run) + "_images")
+
+    def save(round_index, images, captions):
+        every = args.image_every
+        if every and ((round_index + 1) % every == 0 or round_index + 1 == args.global_rounds):
+            save_image_grid(os.path.join(folder, f"round_{round_index:04d}.png"), images, captions)
+    return save
+
+
+def run_all(config):
     """Every run of the configuration, then the summary over them (see run_experiment)."""
+    args = config.run
     device = resolve_device(args)
     check_device_flags(args, device)
-    server_cls = server_class(args.algorithm)
     try:
         family = family_models(args.model_family)
     except ValueError as exc:
@@ -60,17 +73,14 @@ def run_all(args):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        pool = client_pool(args)
-        server = server_cls(args, dataset, run, device, cache, remote=pool)
+        runner = Runner(config, dataset, run, device, cache, engine=client_pool(args),
+                        image_sink=image_saver(args, run))
         try:
-            if pool is not None:
-                pool.start(server)
             if args.resume:
-                server.resume()
-            histories.append(write_run(args, run, server, server.train()))
+                runner.resume()
+            histories.append(write_run(config, run, runner, runner.train()))
         finally:
-            if pool is not None:
-                pool.close()
+            runner.close()
     return summarize_runs(args, histories)
 
 
@@ -82,10 +92,10 @@ def client_pool(args):
     return ClientPool(workers, threads=max(1, torch.get_num_threads() // workers))
 
 
-def write_run(args, run, server, history):
+def write_run(config, run, runner, history):
     """One run's results as .h5 (what results_table.py reads); returns the history."""
-    path = os.path.join(args.results_dir, run_name(args, run) + ".h5")
-    history.write_h5(path, {"args": json.dumps(vars(args), sort_keys=True), "run": run, "seed": server.seed})
+    path = os.path.join(config.run.results_dir, run_name(config.run, run) + ".h5")
+    write_h5(history, path, {"args": json.dumps(config.values(), sort_keys=True), "run": run, "seed": runner.seed})
     print(f"run {run}: results written to {path}")
     return history
 

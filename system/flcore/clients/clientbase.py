@@ -49,18 +49,20 @@ class ClientSetup:
     channels_last: bool = False  # --channels_last: the model's 4-d weights (and so its activations) NHWC
 
 
-def client_setup(args, data, client_id, run, device, image_shape, train_slow=False):
-    """The ClientSetup of client `client_id` in run `run` of main.py's flags `args`: its model is built from its
+def client_setup(settings, data, client_id, run, device, image_shape, train_slow=False):
+    """The ClientSetup of client `client_id` in run `run` of the RunSettings `settings`: its model is built from its
     own seed, so this process and a Flower node build the same one."""
-    seed = derive_seed(args.seed, run, client_id)
+    seed = derive_seed(settings.seed, run, client_id)
     torch.manual_seed(seed)
     channels, height, _ = image_shape
-    model = build_family_model(args.model_family, client_id, args.num_classes, args.feature_dim, channels, height)
+    model = build_family_model(settings.model_family, client_id, settings.num_classes, settings.feature_dim,
+                               channels, height)
     return ClientSetup(
-        client_id=client_id, model=model, data=data, seed=seed, device=device, num_classes=args.num_classes,
-        batch_size=args.batch_size, local_epochs=args.local_epochs, learning_rate=args.local_learning_rate,
-        train_slow=train_slow, amp=args.amp, compile_model=args.compile, channels_last=args.channels_last,
-        learning_rate_decay=args.learning_rate_decay_gamma if args.learning_rate_decay else None)
+        client_id=client_id, model=model, data=data, seed=seed, device=device, num_classes=settings.num_classes,
+        batch_size=settings.batch_size, local_epochs=settings.local_epochs,
+        learning_rate=settings.local_learning_rate, train_slow=train_slow, amp=settings.amp,
+        compile_model=settings.compile, channels_last=settings.channels_last,
+        learning_rate_decay=settings.learning_rate_decay_gamma if settings.learning_rate_decay else None)
 
 
 class Client:
@@ -87,7 +89,7 @@ class Client:
         self.batch_size = setup.batch_size
         self.local_epochs = setup.local_epochs
         self.train_slow = setup.train_slow
-        self.generator = torch.Generator().manual_seed(int(setup.seed))
+        self.rng = torch.Generator().manual_seed(int(setup.seed))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=setup.learning_rate)
         self.scheduler = (torch.optim.lr_scheduler.ExponentialLR(self.optimizer, setup.learning_rate_decay)
                           if setup.learning_rate_decay is not None else None)
@@ -114,13 +116,13 @@ class Client:
         if not self.train_slow:
             return self.local_epochs
         upper = max(1, self.local_epochs // 2)
-        return int(torch.randint(1, upper + 1, (1,), generator=self.generator))
+        return int(torch.randint(1, upper + 1, (1,), generator=self.rng))
 
     def to_device(self, *tensors):
         return [t.to(self.device, non_blocking=True) for t in tensors]
 
     def train_batches(self):
-        for index in shuffled_batches(self.num_train, self.batch_size, self.generator):
+        for index in shuffled_batches(self.num_train, self.batch_size, self.rng):
             yield self.to_device(self.train_x[index], self.train_y[index])
 
     def training_loss(self, x, y):
@@ -217,7 +219,7 @@ class Client:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "generator": self.generator.get_state(),
+            "rng": self.rng.get_state(),
             "last_train_loss": self.last_train_loss,
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
@@ -227,7 +229,7 @@ class Client:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
+        self.rng.set_state(state["rng"])
         self.last_train_loss = state["last_train_loss"]
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -28,13 +28,13 @@ app = ClientApp()
 @lru_cache(maxsize=8)
 def partition_data(run_config_items, partition):
     """One partition's arrays, read once per worker process (a worker may serve several nodes in turn)."""
-    args, _ = engine_settings(dict(run_config_items))
-    dataset = load_federated_dataset(args, only=[partition])
+    config, _ = engine_settings(dict(run_config_items))
+    dataset = load_federated_dataset(config.run, only=[partition])
     return dataset.clients[partition], dataset.image_shape
 
 
 def node_turn(message: Message, context: Context) -> Message:
-    args, _ = engine_settings(context.run_config)
+    args = engine_settings(context.run_config)[0].run
     if args.num_threads:  # as main.py: the thread count changes the order of float sums, hence the results
         torch.set_num_threads(args.num_threads)
     partition = partition_of(context.node_config, args.num_clients)
@@ -70,7 +70,7 @@ def node_turn(message: Message, context: Context) -> Message:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Which partition this node serves (checked against the run's -nc)."""
-    args, _ = engine_settings(context.run_config)
+    args = engine_settings(context.run_config)[0].run
     partition = partition_of(context.node_config, args.num_clients)
     return Message(RecordDict({"answer": ConfigRecord({"partition": partition})}), reply_to=message)
 

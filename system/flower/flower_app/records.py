@@ -2,6 +2,7 @@
 from a run config, and a client's state in a node's RecordDict or on its disk."""
 import json
 import os
+from dataclasses import fields
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -47,12 +48,16 @@ def read_request(content):
     return TurnRequest(int(turn["round"]), payloads, bool(turn["evaluate"]), bool(turn["train"])), turn, spec
 
 
+# TurnReply's number fields travel in the reply's ConfigRecord under their own names.
+REPLY_NUMBERS = {f.name: f.type for f in fields(TurnReply) if f.type in (int, float)}
+
+
 def reply_content(reply):
     content = RecordDict()
     stats = list(reply.stats) if reply.stats is not None else []
     content["reply"] = ConfigRecord({"lost": False, "has_stats": reply.stats is not None,
                                      "stats": [float(v) for v in stats], "has_upload": reply.upload is not None,
-                                     "train_seconds": reply.train_seconds, "batches": reply.batches})
+                                     **{name: getattr(reply, name) for name in REPLY_NUMBERS}})
     content["seconds"] = MetricRecord(dict(reply.seconds))
     if reply.upload is not None:
         put_payload(content, "upload", reply.upload)
@@ -67,13 +72,14 @@ def lost_state_content():
 
 
 def read_reply(content):
-    fields = content["reply"]
+    record = content["reply"]
     stats = None
-    if fields["has_stats"]:
-        correct, samples, auc, loss = fields["stats"]
+    if record["has_stats"]:
+        correct, samples, auc, loss = record["stats"]
         stats = (int(correct), int(samples), auc, loss)
-    upload = get_payload(content, "upload") if fields["has_upload"] else None
-    return TurnReply(stats, upload, dict(content["seconds"]), float(fields["train_seconds"]), int(fields["batches"]))
+    upload = get_payload(content, "upload") if record["has_upload"] else None
+    return TurnReply(stats=stats, upload=upload, seconds=dict(content["seconds"]),
+                     **{name: kind(record[name]) for name, kind in REPLY_NUMBERS.items()})
 
 
 def flag_actions():
@@ -111,7 +117,7 @@ ENGINE_DEFAULTS = {"turn-timeout": 600.0, "node-wait": 120.0, "rejoin-wait": 60.
 
 
 def engine_settings(run_config):
-    """(main.py's flags from the run config, the engine's own settings)."""
+    """(main.py's Config from the run config, the engine's own settings)."""
     settings = {key: float(run_config.get(key, default)) for key, default in ENGINE_DEFAULTS.items()}
     flags = {key: value for key, value in run_config.items() if key not in ENGINE_DEFAULTS}
     return args_from_run_config(flags), settings

@@ -9,12 +9,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm import tqdm
 
-from flcore.algorithms import server_class
+from flcore.errors import UserError
 from flcore.load_cache import LoadCache
+from flcore.runner import Runner
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flcore.errors import UserError
-from flutils.experiment import resolve_device, summarize_runs, write_run
+from flutils.experiment import image_saver, resolve_device, summarize_runs, write_run
 
 app = ServerApp()
 
@@ -57,12 +57,12 @@ def discover_nodes(grid, num_clients, wait_seconds):
 
 
 class FlowerClients:
-    """The clients of one run, on Flower nodes (Server's `remote`). The server sends each client the spec on
-    first contact, and with every turn the number of turns it completed, so a node goes back to the state a
-    resumed server expects. A turn that fails or times out is sent once more if its client's SuperNode comes back
+    """The engine that runs a run's clients on Flower nodes (the Runner's engine, as LocalClients). The server
+    sends each client the spec on first contact, and with every turn the number of turns it completed, so a node
+    goes back to the state a resumed server expects. A turn that fails or times out is sent once more if its client's SuperNode comes back
     (under a new node id) within `rejoin_wait` seconds: the node reads the state the turn expects, so the retried
     turn computes what the lost one would have. Otherwise the client misses the round (as with -cdr) and the
-    server forgets what it believed the client holds."""
+    runner has the algorithm forget what it believed the client holds."""
 
     def __init__(self, grid, nodes, run, timeout, rejoin_wait):
         self.grid = grid
@@ -70,7 +70,7 @@ class FlowerClients:
         self.run = run
         self.timeout = timeout
         self.rejoin_wait = rejoin_wait
-        self.server = None
+        self.plan = None
         self.turns_done = {}
         self.has_spec = set()
 
@@ -91,16 +91,17 @@ class FlowerClients:
                 return [client_id for client_id in clients if client_id in moved]
             time.sleep(0.5)
 
+    def start(self, plan):
+        """The nodes build their clients themselves, from the plan's spec sent with each client's first turn."""
+        self.plan = plan
+
     def run_turns(self, requests):
+        """The replies of the turns that completed (the runner lets the others miss the round)."""
         replies, failed = self.send_turns(requests)
         if failed:
             retry = self.rejoined(failed)
             if retry:
                 replies.update(self.send_turns({client_id: requests[client_id] for client_id in retry})[0])
-        for client_id in requests:
-            if client_id not in replies:
-                tqdm.write(f"round {self.server.round}: client {client_id} misses this round")
-                self.server.forget(client_id)
         return {client_id: replies[client_id] for client_id in requests if client_id in replies}
 
     def send_turns(self, requests):
@@ -108,12 +109,13 @@ class FlowerClients:
         turn failed or timed out)."""
         messages = []
         for client_id, request in requests.items():
-            spec = None if client_id in self.has_spec else self.server.spec
+            spec = None if client_id in self.has_spec else self.plan.spec
             content = request_content(request, self.run, client_id, self.turns_done.get(client_id, 0), spec,
-                                      client_id in self.server.slow_train)
+                                      client_id in self.plan.slow_train)
             messages.append(Message(content, dst_node_id=self.nodes[client_id],
                                     message_type="train" if request.train else "evaluate"))
         sent = list(zip(requests, messages))
+        round_index = next(iter(requests.values())).round
         replies, lost = {}, set()
         answers = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         # Sending gave each message its id; a reply (or the error in its place) names the message it answers.
@@ -121,16 +123,16 @@ class FlowerClients:
         for message in answers:
             client_id = client_of.get(message.metadata.reply_to_message_id)
             if client_id is None:  # an error that names no message (a node gone): its turn counts as failed
-                tqdm.write(f"round {self.server.round}: {message.error.reason if message.has_error() else 'a reply'}"
+                tqdm.write(f"round {round_index}: {message.error.reason if message.has_error() else 'a reply'}"
                            f" for no turn of this round")
                 continue
             if message.has_error():
                 reason = message.error.reason.strip().splitlines()
-                tqdm.write(f"round {self.server.round}: client {client_id}'s turn failed "
+                tqdm.write(f"round {round_index}: client {client_id}'s turn failed "
                            f"({reason[-1] if reason else 'no reason'})")
                 continue
             if message.content["reply"]["lost"]:
-                tqdm.write(f"round {self.server.round}: client {client_id}'s node lost its state; it starts over")
+                tqdm.write(f"round {round_index}: client {client_id}'s node lost its state; it starts over")
                 self.turns_done[client_id] = 0
                 self.has_spec.discard(client_id)
                 lost.add(client_id)
@@ -146,12 +148,18 @@ class FlowerClients:
     def load_state_dict(self, state):
         self.turns_done = dict(state["turns_done"])
 
+    def checkpoint_written(self):
+        """The nodes keep their own states."""
+
+    def close(self):
+        """The nodes outlive the run."""
+
 
 def run_on_flower(grid, run_config):
-    args, settings = engine_settings(run_config)
+    config, settings = engine_settings(run_config)
+    args = config.run
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    server_cls = server_class(args.algorithm)
     dataset = load_federated_dataset(args, only=[])
     nodes = discover_nodes(grid, args.num_clients, settings["node-wait"])
     print(f"{args.algorithm} on Flower: {args.num_clients} nodes, {args.global_rounds} rounds")
@@ -160,11 +168,10 @@ def run_on_flower(grid, run_config):
     cache = LoadCache()
     for run in range(args.prev, args.times):
         clients = FlowerClients(grid, nodes, run, settings["turn-timeout"], settings["rejoin-wait"])
-        server = server_cls(args, dataset, run, device, cache, remote=clients)
-        clients.server = server
+        runner = Runner(config, dataset, run, device, cache, engine=clients, image_sink=image_saver(args, run))
         if args.resume:
-            server.resume()
-        histories.append(write_run(args, run, server, server.train()))
+            runner.resume()
+        histories.append(write_run(config, run, runner, runner.train()))
     return summarize_runs(args, histories)
 
 
