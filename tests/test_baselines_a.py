@@ -57,7 +57,7 @@ def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, result
     # After sending the averaged heads, heterogeneous clients start slowly (LG, FedGen): above chance and learning.
     assert data["rs_test_acc"].max() > 0.1, "should beat chance (0.1) on label-skewed Digits"
     assert data["rs_test_auc"][-1] > data["rs_test_auc"][0] + 0.05, "the models should learn"
-    upload, download = expected_floats(algorithm, load_federated_dataset(parse_args(argv)))
+    upload, download = expected_floats(algorithm, load_federated_dataset(parse_args(argv).run))
     np.testing.assert_array_equal(data["upload_floats"], upload)
     np.testing.assert_array_equal(data["download_floats"], download)
     if algorithm == "FedGen":

@@ -39,7 +39,7 @@ def run_two_rounds(small_run, results_of):
 
 
 def local_classes(argv):
-    return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv)).clients]
+    return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv).run).clients]
 
 
 def test_fedproto_end_to_end_communication(run_two_rounds):

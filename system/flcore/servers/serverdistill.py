@@ -20,8 +20,7 @@ from flcore.settings import Settings, option, raise_first_failed
 class FedDistillSettings(Settings):
     title = "FedDistill"
     # The default is the reference library's -lam default.
-    lamda: float = option(1.0, "-lam", "--lamda",
-                          help="FedDistill: weight of the logit regularizer (default: the reference library's)")
+    lamda: float = option(1.0, "-lam", "--lamda", help="FedDistill: weight of the logit regularizer")
 
     def validate(self):
         raise_first_failed([(self.lamda >= 0, f"-lam must be >= 0, got {self.lamda}")])

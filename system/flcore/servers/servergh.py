@@ -22,8 +22,7 @@ class FedGHSettings(PrototypeSettings):
     server_epochs: int = option(100, "-se", "--server_epochs", help="FedGH: server training epochs per round")
     # The default is the reference library's server_learning_rate default (HtFLlib system/main.py).
     server_learning_rate: float = option(0.01, "-slr", "--server_learning_rate",
-                                         help="FedGH: learning rate of the server's training (default: the "
-                                              "reference library's)")
+                                         help="FedGH: learning rate of the server's training")
 
     def validate(self):
         raise_first_failed([

@@ -24,8 +24,7 @@ class PrototypeSettings(Settings):
 class FedProtoSettings(PrototypeSettings):
     title = "FedProto"
     # The default is the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
-    lamda: float = option(10.0, "-lam", "--lamda",
-                          help="FedProto: weight of the prototype regularizer (default: the reference library's)")
+    lamda: float = option(10.0, "-lam", "--lamda", help="FedProto: weight of the prototype regularizer")
 
     def validate(self):
         raise_first_failed([(self.lamda >= 0, f"-lam must be >= 0, got {self.lamda}")])

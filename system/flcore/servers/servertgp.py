@@ -22,12 +22,11 @@ class FedTGPSettings(PrototypeSettings):
     description = "trains the prototypes on the server in batches of -lbs"
     server_epochs: int = option(100, "-se", "--server_epochs", help="FedTGP: server training epochs per round")
     # The default is the paper's own run script (TsingZ0/FedTGP system/run_me.sh, -lam 10).
-    lamda: float = option(10.0, "-lam", "--lamda",
-                          help="FedTGP: weight of the prototype regularizer (default: the paper's)")
+    lamda: float = option(10.0, "-lam", "--lamda", help="FedTGP: weight of the prototype regularizer")
     # None: the run's -lr, which only the run's settings know, so the server resolves it (prepare); the reference
     # trains the prototypes at the clients' learning rate.
     server_learning_rate: float = option(None, "-slr", "--server_learning_rate",
-                                         help="FedTGP: learning rate of the server's training (default: -lr)")
+                                         help="FedTGP: learning rate of the server's training; -lr when not given")
     margin_threshold: float = option(100.0, "-mart", "--margin_threshold",
                                      help="FedTGP: upper bound of the adaptive margin (the reference library)")
 
