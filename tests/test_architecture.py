@@ -1,7 +1,6 @@
 """The house's contracts: the README's recipes for a new algorithm and a new generator work as written, every
 generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its own server,
-the shared helpers (per-class means, flag_or_default, LoadCache) behave, and imports need no sys.path edits."""
-import argparse
+the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
 import os
 import re
 import subprocess
@@ -12,16 +11,17 @@ import torch
 from torch import nn
 
 from flcore import algorithms
+from flcore.errors import UserError
 from flcore.generators.adapter import GeneratorAdapter, PaperDefaults
 from flcore.generators.dcgan import DCGANGenerator, GaussianLatents
 from flcore.load_cache import LoadCache
+from flcore.paths import REPO_ROOT
 from flcore.per_class import add_per_class, per_class_means
 from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
+from flcore.settings import RunSettings, own_fields
 from flutils import experiment
-from flcore.errors import UserError
-from flutils.options import build_parser, flag_or_default, hook_owners, parse_args
-from flcore.paths import REPO_ROOT
+from flutils.options import build_parser, parse_args, settings_classes
 from flutils.results import read_h5
 
 README = os.path.join(REPO_ROOT, "README.md")
@@ -37,25 +37,20 @@ def readme_python_block(after_heading):
 
 
 @pytest.fixture
-def registered(monkeypatch):
-    """Registers classes of a throw-away module under algorithm names for one test."""
-    def register(name, module_name, namespace, cls_name):
-        module = type(sys)(module_name)
-        module.__dict__.update(namespace)
-        monkeypatch.setitem(sys.modules, module_name, module)
-        monkeypatch.setitem(algorithms.ALGORITHMS, name, f"{module_name}:{cls_name}")
-    return register
+def registry(monkeypatch):
+    """The algorithm registry as it is; what a test registers is gone after it."""
+    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
 
 
-def test_readme_new_algorithm_recipe_runs_resumes_and_lists_its_flag(registered, small_run, tmp_path, capsys,
+def test_readme_new_algorithm_recipe_runs_resumes_and_lists_its_flag(registry, small_run, tmp_path, capsys,
                                                                        one_torch_thread):
-    namespace = {}
+    namespace = {"__name__": "readme_servermine"}
     exec(compile(readme_python_block("**Adding an algorithm.**"), "README-algorithm", "exec"), namespace)
-    registered("Mine", "readme_servermine", namespace, "ServerMine")
+    assert algorithms.server_class("Mine") is namespace["ServerMine"]
 
     help_text = build_parser().format_help()
     assert re.search(r"\nMine:\n\s+--mine_weight", help_text)
-    assert parse_args(small_run("-algo", "Mine", "--mine_weight", "2")).mine_weight == 2.0
+    assert parse_args(small_run("-algo", "Mine", "--mine_weight", "2")).algo.mine_weight == 2.0
 
     whole = small_run("-algo", "Mine", "-gr", "3", "-go", "whole", "-sfn", str(tmp_path / "ckpt_whole"))
     assert experiment.main(whole) == 0
@@ -112,17 +107,22 @@ def test_every_builtin_adapter_satisfies_the_protocol():
     assert not isinstance(object(), GeneratorAdapter)
 
 
-def test_each_flag_is_declared_once_by_its_owner_and_shown_in_its_algorithms_group():
-    owner_of = {}
-    for owner in hook_owners("add_flags"):
-        own = argparse.ArgumentParser(add_help=False)
-        owner.add_flags(own)
-        for option in own._option_string_actions:
-            assert option not in owner_of, f"{option} declared by {owner_of[option]} and {owner.__name__}"
-            owner_of[option] = owner.__name__
-    assert owner_of["--alpha"] == "ServerFML" and owner_of["--mentee_model"] == "ServerFedKD"
-    assert owner_of["--generator"] == "ServerKTLStyleGAN3" and owner_of["--sd_steps"] == "ServerKTLStableDiffusion"
-    assert owner_of["--kt_norm"] == "ServerKTL" and "--lamda" not in owner_of  # -lam is shared: a general flag
+def test_each_flag_is_declared_by_its_owners_settings_and_shown_in_its_algorithms_group():
+    owners = {}
+    for klass in settings_classes():
+        for f in own_fields(klass):
+            for flag in f.metadata["flags"]:
+                owners.setdefault(flag, []).append(klass)
+    owner_of = {flag: klasses[0] for flag, klasses in owners.items() if len(klasses) == 1}
+    server = algorithms.server_class
+    assert owner_of["--alpha"] is server("FML").Settings and owner_of["--mentee_model"] is server("FedKD").Settings
+    assert owner_of["--sd_steps"] is server("FedKTL-stable-diffusion").Settings
+    for flag in ("--kt_norm", "--generator"):  # FedKTL's loop's own: every FedKTL-* settings class extends its owner
+        assert issubclass(server("FedKTL-stylegan-3").Settings, owner_of[flag])
+        assert issubclass(server("FedKTL-stable-diffusion").Settings, owner_of[flag])
+    assert owner_of["--global_rounds"] is RunSettings
+    # -lam is the algorithms' own flag, declared (with the same names) by each that reads it, not a general one.
+    assert RunSettings not in owners["--lamda"] and len(owners["--lamda"]) >= 3
     help_text = build_parser().format_help()
     for group in ("FML:", "FedGen:", "FedKD:", "FedTGP:", "FedKTL-stable-diffusion:", "FedKTL (every generator):"):
         assert f"\n{group}\n" in help_text, group
@@ -131,7 +131,7 @@ def test_each_flag_is_declared_once_by_its_owner_and_shown_in_its_algorithms_gro
 def test_an_algorithms_flag_checks_run_only_for_that_algorithm(small_run):
     with pytest.raises(UserError, match="-al must be in"):
         parse_args(small_run("-algo", "FML", "-al", "2"))
-    assert parse_args(small_run("-algo", "Local", "-al", "2")).alpha == 2.0
+    assert "alpha" not in parse_args(small_run("-algo", "Local", "-al", "2")).values()
     with pytest.raises(UserError, match="--sd_steps must be >= 1"):
         parse_args(small_run("-algo", "FedKTL-stable-diffusion", "--sd_steps", "0"))
 
@@ -152,11 +152,11 @@ def test_weights_are_validated_by_every_algorithm(small_run, tmp_path, capsys, a
     assert not (tmp_path / "results").exists()
 
 
-def test_flag_or_default_uses_the_default_only_when_the_flag_is_absent():
-    assert flag_or_default(None, 10.0, "-lam", at_least=0) == 10.0
-    assert flag_or_default(0.0, 10.0, "-lam", at_least=0) == 0.0  # 0 is a value, not "absent"
+def test_an_algorithms_default_applies_only_when_the_flag_is_absent(small_run):
+    assert parse_args(small_run("-algo", "FedProto")).algo.lamda == 10.0
+    assert parse_args(small_run("-algo", "FedProto", "-lam", "0")).algo.lamda == 0.0  # 0 is a value, not "absent"
     with pytest.raises(UserError, match="-slr must be > 0, got 0"):
-        flag_or_default(None, 0, "-slr", above=0)  # a bad default is caught too
+        parse_args(small_run("-algo", "FedGH", "-slr", "0"))
 
 
 def test_per_class_means_accumulate_in_batches_like_one_pass():

@@ -172,19 +172,19 @@ def test_an_unwritable_state_folder_is_refused_before_anything_is_written(small_
 @pytest.mark.parametrize("available,expected", [(2**50, "memory"), (2**20, "disk")])
 def test_auto_picks_the_store_from_the_estimated_size(small_run, tmp_path, monkeypatch, capsys, available,
                                                       expected):
-    monkeypatch.setattr("flcore.servers.serverbase.available_memory_bytes", lambda: available)
+    monkeypatch.setattr("flcore.runner.available_memory_bytes", lambda: available)
     assert experiment.main(small_run("-algo", "Local", "-gr", "1")) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("client state:")]
     assert len(lines) == 1 and lines[0].startswith(f"client state: {expected}")
 
 
 def test_a_waiting_client_holds_no_model_tensors(small_run, digits_root):
-    from flcore.servers.serverlocal import ServerLocal
+    from flcore.runner import Runner
     from flutils.data import load_federated_dataset
     from flutils.options import parse_args
 
-    args = parse_args(small_run("-algo", "Local", "--client_state", "disk"))
-    server = ServerLocal(args, load_federated_dataset(args), 0, torch.device("cpu"))
+    config = parse_args(small_run("-algo", "Local", "--client_state", "disk"))
+    server = Runner(config, load_federated_dataset(config.run), 0, torch.device("cpu"))
     client = server.clients[1]
     assert sum(p.numel() for p in client.model.parameters()) == 0
     with server.store.loaded(client, modify=False):

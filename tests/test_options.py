@@ -3,7 +3,8 @@ import argparse
 import pytest
 
 from flcore.errors import UserError
-from flutils.options import parse_args, str2bool
+from flcore.settings import str2bool
+from flutils.options import parse_args
 
 REFERENCE_FLAGS = ["-data", "-nb", "-m", "-algo", "-gr", "-nc", "-jr", "-rjr", "-lbs", "-ls", "-lr", "-ld", "-ldg",
                    "-fd", "-eg", "-t", "-pv", "-ab", "-go", "-dev", "-did", "-sfn", "-cdr", "-tsr", "-ssr", "-slr",
@@ -23,9 +24,9 @@ def test_str2bool_rejects_other_strings():
 
 def test_boolean_flags_parse_zero_as_false():
     # argparse's type=bool would make "-ab 0" True; ours must not.
-    args = parse_args(["-ab", "0", "-rjr", "false", "-ld", "1"])
+    args = parse_args(["-ab", "0", "-rjr", "false", "-ld", "1"]).run
     assert args.auto_break is False and args.random_join_ratio is False and args.learning_rate_decay is True
-    assert parse_args(["-ab"]).auto_break is True
+    assert parse_args(["-ab"]).run.auto_break is True
 
 
 def test_every_reference_flag_is_accepted():

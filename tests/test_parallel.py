@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flcore.parallel import balanced_shares
-from flcore.servers.serverbase import Server
-from flutils import experiment
 from flcore.errors import UserError
+from flcore.parallel import balanced_shares
+from flcore.runner import Runner
+from flutils import experiment
 from flutils.results import read_h5
 
 # Stragglers and lost uploads, as in test_client_store.py: clients left behind and replies waiting for them.
@@ -72,7 +72,7 @@ def test_a_run_killed_with_parallel_clients_resumes_exactly(small_run, tmp_path,
     """Killed after round 1's checkpoint, resumed with the same or another -pc: the uninterrupted curves."""
     algorithm = "FedKTL-stylegan-3"
     assert experiment.main(argv_of(small_run, tmp_path, algorithm, "whole")) == 0
-    save = Server.save_checkpoint
+    save = Runner.save_checkpoint
 
     def save_then_die(server):
         save(server)
@@ -80,7 +80,7 @@ def test_a_run_killed_with_parallel_clients_resumes_exactly(small_run, tmp_path,
             raise Killed
 
     killed = argv_of(small_run, tmp_path, algorithm, "killed", "--client_state", store)
-    monkeypatch.setattr(Server, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Runner, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         experiment.main(killed + ["-pc", first])
     monkeypatch.undo()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flcore.algorithms import ALGORITHMS
-from flcore.servers.serverbase import Server
+from flcore.runner import Runner
 from flutils import experiment
 
 # Evaluating every other round (-eg 2) halves the evaluations, the bulk of a small run's time, and puts the
@@ -63,14 +63,14 @@ def test_a_run_killed_after_a_round_and_resumed_equals_an_uninterrupted_run(smal
     uninterrupted = server_from_argv(argv("uninterrupted"))
     uninterrupted.train()
 
-    save_checkpoint = Server.save_checkpoint
+    save_checkpoint = Runner.save_checkpoint
 
     def save_then_die(server):
         save_checkpoint(server)
         if server.round == KILLED_AFTER:
             raise Killed
 
-    monkeypatch.setattr(Server, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Runner, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         server_from_argv(argv("killed")).train()
     monkeypatch.undo()
