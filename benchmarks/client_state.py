@@ -24,10 +24,10 @@ def child(argv):
     from flutils.options import parse_args
 
     start = time.perf_counter()
-    args = parse_args(argv)
-    summary = experiment.run_experiment(args)
+    config = parse_args(argv)
+    summary = experiment.run_experiment(config)
     total = time.perf_counter() - start
-    rounds = summary["seconds_per_round"] * args.global_rounds
+    rounds = summary["seconds_per_round"] * config.run.global_rounds
     print(json.dumps({"seconds_per_round": summary["seconds_per_round"], "other_seconds": total - rounds,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
+from flcore.paths import REPO_ROOT
 from fldata.cli import run as generate_dataset
 from fldata.sources import DIGITS
-from flcore.paths import REPO_ROOT
 from flutils.results import read_h5
 
 

@@ -18,13 +18,14 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-import flcore.servers.serverbase as serverbase
+import flcore.runner as runner
+from flcore.errors import UserError
 from flcore.parallel import ClientPool
+from flcore.runner import LocalClients, run_name
 from flcore.trainmodel import family_models
 from flutils import experiment
-from flcore.errors import UserError
 from flutils.options import parse_args
-from flutils.results import read_h5, run_name
+from flutils.results import read_h5
 
 PHASES = ("train", "prototypes", "eval", "align", "generate")
 
@@ -40,7 +41,7 @@ class TurnRecorder:
         self.run_peak_cuda = 0
 
     def wrap_engines(self):
-        for owner in (serverbase.Server, ClientPool):
+        for owner in (LocalClients, ClientPool):
             run_turns = owner.run_turns
 
             def recorded(engine, requests, run_turns=run_turns):
@@ -50,7 +51,7 @@ class TurnRecorder:
                         self.seconds[client_id][phase].append(seconds)
                 return replies
             owner.run_turns = recorded
-        take_turn = serverbase.take_turn
+        take_turn = runner.take_turn
 
         def measured_turn(client, request, upload_phase="train"):
             if client.device.type != "cuda":
@@ -62,7 +63,7 @@ class TurnRecorder:
             self.peak_cuda[client.id] = max(self.peak_cuda[client.id], peak)
             self.run_peak_cuda = max(self.run_peak_cuda, peak)
             return reply
-        serverbase.take_turn = measured_turn
+        runner.take_turn = measured_turn
 
 
 def cpu_name():
@@ -88,11 +89,12 @@ def machine_line(args):
 
 
 def measure(argv):
-    args = parse_args(argv)
+    config = parse_args(argv)
+    args = config.run
     recorder = TurnRecorder()
     recorder.wrap_engines()
     start = time.perf_counter()
-    experiment.run_experiment(args)
+    experiment.run_experiment(config)
     total = time.perf_counter() - start
     data = read_h5(os.path.join(args.results_dir, run_name(args, args.prev) + ".h5"))
     round_seconds = float(np.mean(data["round_time"]))

@@ -1,7 +1,6 @@
 """The house's contracts: the README's recipes for a new algorithm and a new generator work as written, every
 generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its own server,
 the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
-import argparse
 import os
 import re
 import subprocess
@@ -12,17 +11,17 @@ import torch
 from torch import nn
 
 from flcore import algorithms
+from flcore.errors import UserError
 from flcore.generators.adapter import GeneratorAdapter, PaperDefaults
 from flcore.generators.dcgan import DCGANGenerator, GaussianLatents
 from flcore.load_cache import LoadCache
+from flcore.paths import REPO_ROOT
 from flcore.per_class import add_per_class, per_class_means
 from flcore.servers.serverbase import Server
 from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
-from flutils import experiment
-from flcore.errors import UserError
 from flcore.settings import RunSettings, own_fields
+from flutils import experiment
 from flutils.options import build_parser, parse_args, settings_classes
-from flcore.paths import REPO_ROOT
 from flutils.results import read_h5
 
 README = os.path.join(REPO_ROOT, "README.md")

@@ -57,7 +57,7 @@ def test_two_rounds_end_to_end_with_hand_counted_communication(small_run, result
     # After sending the averaged heads, heterogeneous clients start slowly (LG, FedGen): above chance and learning.
     assert data["rs_test_acc"].max() > 0.1, "should beat chance (0.1) on label-skewed Digits"
     assert data["rs_test_auc"][-1] > data["rs_test_auc"][0] + 0.05, "the models should learn"
-    upload, download = expected_floats(algorithm, load_federated_dataset(parse_args(argv)))
+    upload, download = expected_floats(algorithm, load_federated_dataset(parse_args(argv).run))
     np.testing.assert_array_equal(data["upload_floats"], upload)
     np.testing.assert_array_equal(data["download_floats"], download)
     if algorithm == "FedGen":
@@ -71,7 +71,7 @@ def test_lg_averages_heads_by_samples_and_sends_them_to_the_selected_clients(mak
     expected = sum(w * c.model.head.weight.detach() for w, c in zip(weights / weights.sum(), arrived))
     server.exchange(arrived, round_timer(server))
     assert server.upload_floats == 3 * head_floats()
-    torch.testing.assert_close(server.global_head["weight"], expected)
+    torch.testing.assert_close(server.algorithm.global_head["weight"], expected)
 
     untouched = server.clients[3].model.head.weight.detach().clone()
     server.send(server.clients[:2])
@@ -87,12 +87,13 @@ def test_head_sharing_refuses_heads_of_another_shape(make_server):
     setup = ClientSetup(client_id=1, model=other, data=server.dataset.clients[1], seed=0, device=torch.device("cpu"),
                         num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01)
     with pytest.raises(UserError, match="client 1's tiny_cnn head differs from client 0's .* heads match"):
-        server.new_client(setup, server.spec)
+        server.algorithm.new_client(setup, server.spec)
 
 
 @pytest.mark.parametrize("lam", ["0", "1"])
 def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_batch, lam):
     server = make_server("FedDistill", *FEW_SHOTS, "-lam", lam)
+    algorithm = server.algorithm
     client = server.clients[1]
     x, y = fixed_batch(client)
     client.model.eval()
@@ -103,14 +104,14 @@ def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_b
         c.train()
     uploads = [(u.tensors["logits"], u.tensors["classes"]) for u in (c.upload() for c in server.clients)]
     server.exchange(server.clients, round_timer(server))
-    for row, cls in zip(server.global_logits, server.global_classes.tolist()):
+    for row, cls in zip(algorithm.global_logits, algorithm.global_classes.tolist()):
         rows = [logits[(classes == cls).nonzero().item()] for logits, classes in uploads if cls in classes]
         torch.testing.assert_close(row, torch.stack(rows).mean(0))
 
     server.send([client])
     client.model.eval()
     logits = client.model(x)
-    teacher = dict(zip(server.global_classes.tolist(), server.global_logits))
+    teacher = dict(zip(algorithm.global_classes.tolist(), algorithm.global_logits))
     squared = sum(((logits[i] - teacher[int(label)]) ** 2).sum() for i, label in enumerate(y) if int(label) in teacher)
     expected = F.cross_entropy(logits, y).item() + float(lam) * squared.item() / logits.numel()
     assert client.training_loss(x, y).item() == pytest.approx(expected, rel=1e-5)
@@ -119,8 +120,8 @@ def test_feddistill_loss_and_per_class_average(make_server, round_timer, fixed_b
 
 
 def test_feddistill_default_lambda_and_bad_lambda(make_server):
-    assert make_server("FedDistill", *FEW_SHOTS).lamda == 1.0
-    assert make_server("FD", *FEW_SHOTS, "-lam", "0.3").lamda == 0.3
+    assert make_server("FedDistill", *FEW_SHOTS).algorithm.settings.lamda == 1.0
+    assert make_server("FD", *FEW_SHOTS, "-lam", "0.3").algorithm.settings.lamda == 0.3
     with pytest.raises(UserError, match="-lam"):
         make_server("FedDistill", *FEW_SHOTS, "-lam", "-1")
 
@@ -147,17 +148,18 @@ def test_fml_mutual_loss(make_server, fixed_batch, alpha, beta):
 
 def test_fml_averages_shared_models_and_every_client_starts_from_one(make_server, round_timer):
     server = make_server("FML", *FEW_SHOTS)
+    algorithm = server.algorithm
     first = server.clients[0].meme.state_dict()
     assert all(torch.equal(first[k], c.meme.state_dict()[k]) for c in server.clients for k in first)
     for c in server.clients[:2]:
         c.train()
     arrived = server.clients[:2]
     weights = torch.tensor([c.num_train for c in arrived], dtype=torch.float32)
-    name = next(iter(server.global_meme))
+    name = next(iter(algorithm.global_meme))
     expected = sum(w * dict(c.meme.named_parameters())[name].detach() for w, c in zip(weights / weights.sum(), arrived))
     server.exchange(arrived, round_timer(server))
     assert server.upload_floats == 2 * fml_model_floats()
-    torch.testing.assert_close(server.global_meme[name], expected)
+    torch.testing.assert_close(algorithm.global_meme[name], expected)
     server.send(server.clients[2:])
     torch.testing.assert_close(dict(server.clients[3].meme.named_parameters())[name], expected)
 
@@ -171,6 +173,7 @@ def test_fml_rejects_bad_flags(make_server, flags, fragment):
 
 def test_fedgen_client_loss_adds_the_generated_feature_term(make_server, round_timer, fixed_batch):
     server = make_server("FedGen", *fast_flags("FedGen"))
+    algorithm = server.algorithm
     client = server.clients[2]
     x, y = fixed_batch(client)
     client.model.eval()
@@ -178,17 +181,17 @@ def test_fedgen_client_loss_adds_the_generated_feature_term(make_server, round_t
 
     server.exchange(server.clients, round_timer(server))
     counts = sum(torch.bincount(c.train_y, minlength=K) for c in server.clients).float()
-    torch.testing.assert_close(server.label_prior, counts / counts.sum())
+    torch.testing.assert_close(algorithm.label_prior, counts / counts.sum())
     server.send([client])
-    torch.testing.assert_close(client.model.head.weight, server.global_head["weight"])
+    torch.testing.assert_close(client.model.head.weight, algorithm.global_head["weight"])
 
-    state = client.generator.get_state()
+    state = client.rng.get_state()
     loss = client.training_loss(x, y).item()
-    client.generator.set_state(state)
-    labels = torch.multinomial(server.label_prior, client.batch_size, replacement=True, generator=client.generator)
-    noise = torch.randn(client.batch_size, NOISE_DIM, generator=client.generator)
+    client.rng.set_state(state)
+    labels = torch.multinomial(algorithm.label_prior, client.batch_size, replacement=True, generator=client.rng)
+    noise = torch.randn(client.batch_size, NOISE_DIM, generator=client.rng)
     with torch.no_grad():
-        features = server.feature_generator.eval()(noise, labels)
+        features = algorithm.feature_generator.eval()(noise, labels)
         generated = F.cross_entropy(client.model.head(features), labels).item()
         expected = F.cross_entropy(client.model(x), y).item() + generated
     assert generated > 0 and loss == pytest.approx(expected, rel=1e-5)
@@ -196,18 +199,19 @@ def test_fedgen_client_loss_adds_the_generated_feature_term(make_server, round_t
 
 def test_fedgen_generator_learns_from_the_heads(make_server, round_timer):
     server = make_server("FedGen", *fast_flags("FedGen"), "-se", "60", "-glr", "0.01")
+    algorithm = server.algorithm
     for c in server.clients:
         c.train()
     labels = torch.arange(K).repeat(20)
 
     def global_head_loss():
         head = torch.nn.Linear(FEATURE_DIM, K)
-        head.load_state_dict(server.global_head)
-        noise = torch.Generator().manual_seed(5)
+        head.load_state_dict(algorithm.global_head)
+        noise_rng = torch.Generator().manual_seed(5)
         with torch.no_grad():
-            return F.cross_entropy(head(server.feature_generator.eval().sample(labels, noise)), labels).item()
+            return F.cross_entropy(head(algorithm.feature_generator.eval().sample(labels, noise_rng)), labels).item()
 
-    server.average_heads([client.upload() for client in server.clients])
+    algorithm.average_heads([client.upload() for client in server.clients])
     before = global_head_loss()
     server.exchange(server.clients, round_timer(server))
     assert global_head_loss() < before

@@ -39,7 +39,7 @@ def run_two_rounds(small_run, results_of):
 
 
 def local_classes(argv):
-    return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv)).clients]
+    return [set(torch.unique(c.train_y).tolist()) for c in load_federated_dataset(parse_args(argv).run).clients]
 
 
 def test_fedproto_end_to_end_communication(run_two_rounds):
@@ -76,7 +76,8 @@ def test_fedkd_end_to_end_communication(run_two_rounds):
 
 def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     server = make_server("FedKD")
-    state = shared_state(server.mentee)
+    algorithm = server.algorithm
+    state = shared_state(algorithm.mentee)
     assert sum(t.numel() for t in state.values()) == 156810
     server.send(server.clients)
     assert server.download_floats == CLIENTS * 156810, "a client's first download is the whole mentee"
@@ -102,10 +103,10 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     server.exchange(server.clients, round_timer(server))
     assert server.upload_floats == CLIENTS * (rank_one + vectors)
     # The average holds 4 orthogonal directions of equal weight (3/4 < 0.95 of the energy): rank 4 is kept.
-    assert all(packed["s"].numel() == 4 for packed in server.last_update.values() if "s" in packed)
+    assert all(packed["s"].numel() == 4 for packed in algorithm.last_update.values() if "s" in packed)
     assert server.download_floats == CLIENTS * (4 * rank_one + vectors)
     for client in server.clients:
-        assert server.synced_versions[client.id] == server.version == 1
+        assert algorithm.synced_versions[client.id] == algorithm.version == 1
         for name, t in shared_state(client.mentee).items():
             torch.testing.assert_close(t, state[name])
 
@@ -114,24 +115,24 @@ def test_fedkd_counts_the_svd_factors_it_sends(make_server, round_timer):
     server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
-    assert server.download_floats == packed_floats(server.last_update) and server.synced_versions[0] == 2
+    assert server.download_floats == packed_floats(algorithm.last_update) and algorithm.synced_versions[0] == 2
     server.exchange(others, round_timer(server))
     server.exchange(others, round_timer(server))
     server.download_floats = 0
     server.send([straggler])
-    assert server.download_floats == 156810 and server.synced_versions[0] == 4
+    assert server.download_floats == 156810 and algorithm.synced_versions[0] == 4
 
 
-def orthonormal(rows, cols, generator):
-    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))[0]
+def orthonormal(rows, cols, rng):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=rng, dtype=torch.float64))[0]
 
 
 @pytest.mark.parametrize("energy,rank", [(0.5, 1), (0.9, 2), (0.95, 3), (0.99, 4), (1.0, 6)])
 def test_svd_compression_keeps_the_requested_energy(energy, rank):
-    generator = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(0)
     singular = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
     # Energy shares of the leading 1..6 values: 0.750, 0.938, 0.985, 0.997, 0.9993, 1.
-    matrix = orthonormal(40, 6, generator) @ torch.diag(singular) @ orthonormal(30, 6, generator).T
+    matrix = orthonormal(40, 6, rng) @ torch.diag(singular) @ orthonormal(30, 6, rng).T
     tensor = matrix.reshape(40, 3, 5, 2)
     assert kept_rank(singular, energy) == rank
     packed = svd_compress(tensor, energy)
@@ -208,14 +209,15 @@ def test_prototype_term_is_lamda_times_mse_and_vanishes_at_zero(small_run, cls):
 
 def test_fedproto_averages_prototypes_weighted_by_sample_counts(make_server):
     server = make_server("FedProto")
+    algorithm = server.algorithm
     means = torch.stack([torch.full((D,), v) for v in (1.0, 5.0, 2.0)])
-    server.update_knowledge(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
-    assert torch.equal(server.present.nonzero().squeeze(1), torch.tensor([2, 7]))
-    torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # (1*1 + 3*5) / 4
-    server.update_knowledge(torch.full((1, D), 6.0), torch.tensor([7]), torch.tensor([2.0]))
-    torch.testing.assert_close(server.global_prototypes[2], torch.full((D,), 4.0))  # kept: nobody sent class 2
-    torch.testing.assert_close(server.global_prototypes[7], torch.full((D,), 6.0))
-    assert server.knowledge().floats() == 2 * D, "the rows of the classes that have a prototype"
+    algorithm.update_knowledge(means, torch.tensor([2, 2, 7]), torch.tensor([1.0, 3.0, 10.0]))
+    assert torch.equal(algorithm.present.nonzero().squeeze(1), torch.tensor([2, 7]))
+    torch.testing.assert_close(algorithm.global_prototypes[2], torch.full((D,), 4.0))  # (1*1 + 3*5) / 4
+    algorithm.update_knowledge(torch.full((1, D), 6.0), torch.tensor([7]), torch.tensor([2.0]))
+    torch.testing.assert_close(algorithm.global_prototypes[2], torch.full((D,), 4.0))  # kept: nobody sent class 2
+    torch.testing.assert_close(algorithm.global_prototypes[7], torch.full((D,), 6.0))
+    assert algorithm.knowledge().floats() == 2 * D, "the rows of the classes that have a prototype"
 
 
 def test_fedtgp_adaptive_margin():
@@ -229,25 +231,27 @@ def test_fedtgp_adaptive_margin():
 
 def test_fedtgp_server_training_separates_the_classes(make_server):
     server = make_server("FedTGP", "-se", "100", "-slr", "0.05")
-    generator = torch.Generator().manual_seed(0)
-    centers = 3 * torch.randn(3, D, generator=generator)
+    algorithm = server.algorithm
+    rng = torch.Generator().manual_seed(0)
+    centers = 3 * torch.randn(3, D, generator=rng)
     classes = torch.tensor([1, 4, 8]).repeat_interleave(4)
-    rows = centers.repeat_interleave(4, 0) + 0.3 * torch.randn(12, D, generator=generator)
-    server.update_knowledge(rows, classes, None)
-    assert server.global_prototypes.shape == (K, D)
-    nearest = torch.cdist(rows, server.global_prototypes).argmin(1)
+    rows = centers.repeat_interleave(4, 0) + 0.3 * torch.randn(12, D, generator=rng)
+    algorithm.update_knowledge(rows, classes, None)
+    assert algorithm.global_prototypes.shape == (K, D)
+    nearest = torch.cdist(rows, algorithm.global_prototypes).argmin(1)
     assert torch.equal(nearest, classes)
 
 
 def test_fedgh_clients_take_the_global_head(make_server, round_timer):
     server = make_server("FedGH", "-se", "5")
+    algorithm = server.algorithm
     uploaded = sum(len(client.upload().tensors["classes"]) for client in server.clients)
     server.exchange(server.clients, round_timer(server))
     assert server.upload_floats == uploaded * D
     assert server.download_floats == CLIENTS * (D * K + K)
     for client in server.clients:
-        assert torch.equal(client.model.head.weight, server.head.weight)
-        assert torch.equal(client.model.head.bias, server.head.bias)
+        assert torch.equal(client.model.head.weight, algorithm.head.weight)
+        assert torch.equal(client.model.head.bias, algorithm.head.bias)
     server.download_floats = 0
     server.send(server.clients)
     assert server.download_floats == 0, "clients already hold the latest head"
@@ -257,8 +261,9 @@ def test_fedgh_refuses_a_non_linear_head(make_server):
     server = make_server("FedGH")
     model = BaseHeadSplit(nn.Identity(), nn.Sequential(nn.Linear(D, 8), nn.Linear(8, K)), D, K, "odd")
     with pytest.raises(UserError, match="linear heads"):
-        server.new_client(ClientSetup(client_id=0, model=model, data=server.dataset.clients[0], seed=0, device=CPU,
-                                      num_classes=K, batch_size=10, local_epochs=1, learning_rate=0.01), server.spec)
+        server.algorithm.new_client(ClientSetup(client_id=0, model=model, data=server.dataset.clients[0], seed=0,
+                                                device=CPU, num_classes=K, batch_size=10, local_epochs=1,
+                                                learning_rate=0.01), server.spec)
 
 
 @pytest.mark.parametrize("flags,fragment", [(("-Ts", "0.99", "-Te", "0.9"), "-Ts"),

@@ -10,11 +10,11 @@ import pytest
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from flcore.errors import UserError
+from flcore.paths import REPO_ROOT
 from flower_app import client_app
 from flower_app.server_app import run_on_flower
 from flutils import experiment
-from flcore.errors import UserError
-from flcore.paths import REPO_ROOT
 
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
 CLIENTS = 4

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tomllib
 
-from flower_app.records import engine_settings
-from flutils import experiment
 from flcore.errors import UserError
 from flcore.paths import REPO_ROOT
+from flower_app.records import engine_settings
+from flutils import experiment
 from flutils.results import read_h5
 
 pytestmark = pytest.mark.skipif(shutil.which("flower-superlink") is None,

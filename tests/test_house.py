@@ -23,8 +23,9 @@ from flutils.options import build_parser, parse_args
 from flutils.results import read_h5
 
 FLCORE = os.path.join(REPO_ROOT, "system", "flcore")
-FEDKTL_MODULES = {"flcore.servers.serverktl", "flcore.servers.serverktl_stylegan_3", "flcore.servers.serverktl_stylegan_xl",
-                  "flcore.servers.serverktl_stable_diffusion", "flcore.clients.clientktl", "flcore.ktl_ops"}
+FEDKTL_MODULES = {"flcore.servers.serverktl", "flcore.servers.serverktl_stylegan_3",
+                  "flcore.servers.serverktl_stylegan_xl", "flcore.servers.serverktl_stable_diffusion",
+                  "flcore.clients.clientktl", "flcore.ktl_ops"}
 SYSTEM_PACKAGES = {"flcore", "flutils", "flower_app"}
 
 
@@ -73,7 +74,8 @@ def test_no_baseline_imports_fedktl():
         name = module_name(path)
         if name in FEDKTL_MODULES or name == "flcore.algorithms":
             continue
-        wrong = sorted(m for m in imported_modules(path) if any(m == k or m.startswith(k + ".") for k in FEDKTL_MODULES))
+        wrong = sorted(m for m in imported_modules(path)
+                       if any(m == k or m.startswith(k + ".") for k in FEDKTL_MODULES))
         if wrong:
             offenders[name] = wrong
     assert offenders == {}

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flcore.exchange import TurnReply
-from flutils import experiment
 from flcore.paths import REPO_ROOT
+from flutils import experiment
 
 H5_KEYS = {"rs_test_acc", "rs_test_auc", "rs_test_acc_std", "rs_train_loss", "eval_rounds", "round_time",
            "upload_floats", "download_floats", "time_train", "time_eval"}

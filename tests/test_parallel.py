@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from flcore.errors import UserError
 from flcore.parallel import balanced_shares
 from flcore.runner import Runner
 from flutils import experiment
-from flcore.errors import UserError
 from flutils.results import read_h5
 
 # Stragglers and lost uploads, as in test_client_store.py: clients left behind and replies waiting for them.

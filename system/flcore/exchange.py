@@ -1,7 +1,7 @@
-"""The one exchange contract between a server and its clients, whichever engine carries it: this process
-(flcore/servers/serverbase.py) or Flower (system/flower/). A client takes turns: it receives the server's payloads,
-is evaluated, trains, and uploads one payload; the server builds what it sends from its own state only and
-aggregates the uploads that arrived. Upload and download sizes are counted from the payloads themselves."""
+"""The one exchange contract between a server and its clients, whichever engine carries it (flcore/runner.py:
+this process; flcore/parallel.py: -pc workers; system/flower/: Flower nodes). A client takes turns: it receives
+the server's payloads, is evaluated, trains, and uploads one payload; the server builds what it sends from its own
+state only and aggregates the uploads that arrived. Upload and download sizes are counted from the payloads themselves."""
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field

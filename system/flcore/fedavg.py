@@ -2,8 +2,8 @@
 its sample-weighted average, and the check that every client holds the same architecture."""
 import torch
 
-from flcore.trainmodel import family_models
 from flcore.errors import UserError
+from flcore.trainmodel import family_models
 
 
 def single_model_name(family, algorithm):

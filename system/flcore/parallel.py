@@ -1,6 +1,6 @@
-"""Clients trained in parallel (-pc N): the Server's `remote` is a pool of N worker processes, each owning a fixed
-share of the clients, built there exactly as Server builds them (serverbase.build_clients) and kept in the
-worker's own store (memory, --offload or disk). A round's turns go to their owners at once and run with the same take_turn;
+"""Clients trained in parallel (-pc N): the Runner's engine is a pool of N worker processes, each owning a fixed
+share of the clients, built there exactly as in this process (runner.build_clients, from the same ClientPlan) and
+kept in the worker's own store (memory, --offload or disk). A round's turns go to their owners at once and run with the same take_turn;
 the replies come back in request order. A turn depends only on its client's state and its request (flcore/
 exchange.py), so the results equal sequential training bit for bit when each worker computes with the threads a
 sequential run used (with --num_threads N x T, each worker gets T).

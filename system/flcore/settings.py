@@ -107,7 +107,8 @@ class RunSettings(Settings):
     times: int = option(1, "-t", "--times", help="independent runs, each with its own seed")
     prev: int = option(0, "-pv", "--prev", help="index of the first run (to add runs later)")
     eval_gap: int = option(1, "-eg", "--eval_gap", help="evaluate every this many rounds")
-    auto_break: bool = option(False, "-ab", "--auto_break", help="stop when accuracy has not improved for -tc evaluations")
+    auto_break: bool = option(False, "-ab", "--auto_break",
+                              help="stop when accuracy has not improved for -tc evaluations")
     top_cnt: int = option(100, "-tc", "--top_cnt")
     save_folder_name: str = option("", "-sfn", "--save_folder_name",
                                    help="folder for per-round checkpoints (none when empty)")
@@ -121,10 +122,12 @@ class RunSettings(Settings):
                                    help="folder of the disk store (default: client_state/ in -sfn, else in "
                                         "--results_dir)")
     num_threads: int = option(0, "--num_threads",
-                              help="CPU threads for torch (0: torch's default); with -pc N each worker gets 1/N of them")
+                              help="CPU threads for torch (0: torch's default); with -pc N each worker gets 1/N of "
+                                   "them")
     parallel_clients: int = option(1, "-pc", "--parallel_clients",
                                    help="clients that train at the same time, in this many worker processes (on CUDA "
-                                        "one per GPU, round robin from -did); results are the same as one at a time (1)")
+                                        "one per GPU, round robin from -did); results are the same as one at a time "
+                                        "(1)")
     amp: str = option("off", "--amp", choices=("off", "bf16", "fp16"),
                       help="mixed precision of the clients' training steps: autocast to bf16 (CPU or CUDA) or fp16 "
                            "(CUDA, with a grad scaler); changes results within the tolerance README states")
@@ -133,7 +136,8 @@ class RunSettings(Settings):
                                 "may differ in the last bits")
     channels_last: bool = option(False, "--channels_last",
                                  help="client models in the channels-last memory layout: faster convolutions for some "
-                                      "models and slower for others (README \"Speed\"); results differ in the last bits")
+                                      "models and slower for others (README \"Speed\"); results differ in the last "
+                                      "bits")
     offload: bool = option(False, "--offload",
                            help="client models and optimizer state wait in CPU memory between turns and move to the "
                                 "GPU only for their turn (many large clients on one GPU); same results; nothing to "

@@ -22,10 +22,10 @@ import time
 
 import httpx
 
-from fldata.cli import run as generate_dataset
-from fldata.sources import DIGITS
 from flcore.errors import UserError
 from flcore.paths import REPO_ROOT
+from fldata.cli import run as generate_dataset
+from fldata.sources import DIGITS
 
 APP = os.path.join(REPO_ROOT, "system", "flower")
 CONNECTION = "fedktl-local"

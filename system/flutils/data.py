@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flcore.errors import UserError
 from fldata.cli import run as run_generation
 from fldata.sources import DIGITS
-from flcore.errors import UserError
 
 
 @dataclass
@@ -67,9 +67,9 @@ def _read_split(path, num_classes, regenerate):
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
-def keep_shots(x, y, shots, generator):
+def keep_shots(x, y, shots, rng):
     """At most `shots` randomly chosen training samples of every class."""
-    order = torch.randperm(len(y), generator=generator)
+    order = torch.randperm(len(y), generator=rng)
     kept = [order[y[order] == c][:shots] for c in torch.unique(y)]
     index = torch.sort(torch.cat(kept)).values
     return x[index], y[index]

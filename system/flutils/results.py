@@ -1,11 +1,9 @@
 """A run's history (flcore/history.py) written once at the end as .h5 (reference names), plus summaries and plots."""
 import json
-import math
 import os
 
 import h5py
 import numpy as np
-
 
 
 def experiment_name(args):

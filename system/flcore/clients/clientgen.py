@@ -23,9 +23,9 @@ class FeatureGenerator(nn.Module):
         one_hot = F.one_hot(labels, self.num_classes).to(noise.dtype)
         return self.out(self.hidden(torch.cat([noise, one_hot], 1)))
 
-    def sample(self, labels, generator):
-        """Features for `labels`, with noise drawn on the CPU from `generator` (reproducible on any device)."""
-        noise = torch.randn(len(labels), self.noise_dim, generator=generator).to(labels.device)
+    def sample(self, labels, rng):
+        """Features for `labels`, with noise drawn on the CPU from `rng` (reproducible on any device)."""
+        noise = torch.randn(len(labels), self.noise_dim, generator=rng).to(labels.device)
         return self(noise, labels)
 
 
@@ -56,8 +56,8 @@ class ClientFedGen(ClientLG):
         loss = F.cross_entropy(self.model(x), y)
         if self.label_prior is None:
             return loss
-        labels = torch.multinomial(self.label_prior, self.batch_size, replacement=True, generator=self.generator)
+        labels = torch.multinomial(self.label_prior, self.batch_size, replacement=True, generator=self.rng)
         (labels,) = self.to_device(labels)
         with torch.no_grad():
-            features = self.feature_generator.sample(labels, self.generator)
+            features = self.feature_generator.sample(labels, self.rng)
         return loss + F.cross_entropy(self.model.head(features), labels)

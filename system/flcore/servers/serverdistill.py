@@ -4,6 +4,8 @@ the result back; clients add lambda * MSE(logits, global logits of the label) to
 
 Per round: upload = C_i * K floats per arrived client (C_i: classes it trained on); download = C * K floats per
 selected client (C: classes with a global average), from the round after the first upload on."""
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
@@ -11,20 +13,29 @@ from flcore.clients.clientdistill import ClientDistill
 from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
-from flutils.options import flag_or_default
+from flcore.settings import Settings, option, raise_first_failed
 
-DEFAULT_LAMBDA = 1.0  # the reference library's -lam default
+
+@dataclass(frozen=True)
+class FedDistillSettings(Settings):
+    title = "FedDistill"
+    # The default is the reference library's -lam default.
+    lamda: float = option(1.0, "-lam", "--lamda", help="FedDistill: weight of the logit regularizer")
+
+    def validate(self):
+        raise_first_failed([(self.lamda >= 0, f"-lam must be >= 0, got {self.lamda}")])
 
 
 class ServerFedDistill(Server):
+    Settings = FedDistillSettings
+
     def prepare(self):
-        self.lamda = flag_or_default(self.args.lamda, DEFAULT_LAMBDA, "-lam", at_least=0)
         self.global_logits = None
         self.global_classes = None
-        tqdm.write(f"FedDistill: lambda {self.lamda}")
+        tqdm.write(f"FedDistill: lambda {self.settings.lamda}")
 
     def client_spec(self):
-        return Payload(config={"lamda": self.lamda})
+        return Payload(config={"lamda": self.settings.lamda})
 
     @classmethod
     def new_client(cls, setup, spec):
@@ -45,10 +56,10 @@ class ServerFedDistill(Server):
             self.global_logits = means[self.global_classes]
         return {}
 
-    def extra_state(self):
+    def state_dict(self):
         return {"global_logits": self.global_logits, "global_classes": self.global_classes}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         logits, classes = state["global_logits"], state["global_classes"]
         self.global_logits = None if logits is None else logits.to(self.device)
         self.global_classes = None if classes is None else classes.to(self.device)

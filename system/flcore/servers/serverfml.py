@@ -4,51 +4,55 @@ HtFE2/4/8 and HtM10, which the reference library uses); the server averages the 
 by training samples) and sends the average back. Clients are evaluated with their private models.
 
 Per round: upload = (meme parameters) per arrived client; download = (meme parameters) per selected client."""
+from dataclasses import dataclass
+
 from tqdm import tqdm
 
 from flcore.clients.clientfml import ClientFML
+from flcore.errors import UserError
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import float_count, parameters_of, weighted_average
 from flcore.servers.serverbase import Server
+from flcore.settings import Settings, option, raise_first_failed
 from flcore.trainmodel import build_model, model_with_state
-from flcore.errors import UserError
-from flutils.options import raise_first_failed
+
+
+@dataclass(frozen=True)
+class FMLSettings(Settings):
+    title = "FML"
+    alpha: float = option(0.5, "-al", "--alpha",
+                          help="FML: private model's loss = alpha * CE + (1 - alpha) * KL (the FML paper)")
+    beta: float = option(0.5, "-bt", "--beta",
+                         help="FML: shared model's loss = beta * CE + (1 - beta) * KL (the FML paper)")
+    fml_model: str = option("cnn4", "--fml_model", help="FML: registry name of the shared model, built at -fd")
+
+    def validate(self):
+        raise_first_failed([(0 <= value <= 1, f"{flag} must be in [0, 1] for FML, got {value}")
+                            for flag, value in (("-al", self.alpha), ("-bt", self.beta))])
 
 
 class ServerFML(Server):
-    @classmethod
-    def add_flags(cls, parser):
-        group = parser.add_argument_group("FML")
-        group.add_argument("-al", "--alpha", type=float, default=0.5,
-                           help="FML: private model's loss = alpha * CE + (1 - alpha) * KL (the FML paper)")
-        group.add_argument("-bt", "--beta", type=float, default=0.5,
-                           help="FML: shared model's loss = beta * CE + (1 - beta) * KL (the FML paper)")
-        group.add_argument("--fml_model", default="cnn4",
-                           help="FML: registry name of the shared model, built at -fd")
-
-    @classmethod
-    def check_flags(cls, args):
-        raise_first_failed([(0 <= value <= 1, f"{flag} must be in [0, 1] for FML, got {value}")
-                            for flag, value in (("-al", args.alpha), ("-bt", args.beta))])
+    Settings = FMLSettings
 
     def prepare(self):
-        name = self.args.fml_model
-        channels, height, _ = self.dataset.image_shape
+        name = self.settings.fml_model
+        channels, height, _ = self.context.image_shape
         try:
             # One initialization for every client's meme model, drawn from the server's seed.
-            self.meme_template = build_model(name, self.num_classes, self.args.feature_dim, channels, height)
+            self.meme_template = build_model(name, self.num_classes, self.context.feature_dim, channels, height)
         except ValueError as exc:
             raise UserError(f"--fml_model: {exc}") from None
         self.global_meme = {k: v.to(self.device) for k, v in parameters_of(self.meme_template).items()}
         tqdm.write(f"FML: shared model {name} ({float_count(self.global_meme)} parameters), "
-                   f"alpha {self.args.alpha}, beta {self.args.beta}")
+                   f"alpha {self.settings.alpha}, beta {self.settings.beta}")
 
     def client_spec(self):
         """The meme model's architecture and its one initial state (parameters and buffers), alpha and beta."""
-        channels, height, _ = self.dataset.image_shape
+        channels, height, _ = self.context.image_shape
         return Payload(flatten(self.meme_template.state_dict(), "meme"),
-                       {"fml_model": self.args.fml_model, "feature_dim": self.args.feature_dim, "channels": channels,
-                        "height": height, "alpha": self.args.alpha, "beta": self.args.beta})
+                       {"fml_model": self.settings.fml_model, "feature_dim": self.context.feature_dim,
+                        "channels": channels, "height": height, "alpha": self.settings.alpha,
+                        "beta": self.settings.beta})
 
     @classmethod
     def new_client(cls, setup, spec):
@@ -66,8 +70,8 @@ class ServerFML(Server):
             self.global_meme = weighted_average(memes, [upload.config["samples"] for upload in uploads.values()])
         return {}
 
-    def extra_state(self):
+    def state_dict(self):
         return {"global_meme": self.global_meme}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         self.global_meme = {k: v.to(self.device) for k, v in state["global_meme"].items()}

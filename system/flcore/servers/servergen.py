@@ -8,6 +8,7 @@ Per round: upload = (head floats + K label counts) per arrived client; download 
 parameters and BatchNorm statistics + K label probabilities) per selected client, from the round after the
 first server update on."""
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,43 +17,47 @@ from tqdm import tqdm
 
 from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
 from flcore.exchange import flatten
-from flcore.servers.serverlg import ServerLG, check_head
-from flutils.options import raise_first_failed
+from flcore.servers.serverlg import LGSettings, ServerLG, check_head
+from flcore.settings import option, raise_first_failed
+
+
+@dataclass(frozen=True)
+class FedGenSettings(LGSettings):
+    title = "FedGen"
+    server_epochs: int = option(100, "-se", "--server_epochs", help="FedGen: generator training steps per round")
+    noise_dim: int = option(512, "-nd", "--noise_dim", help="FedGen: generator noise size")
+    hidden_dim: int = option(512, "-hd", "--hidden_dim", help="FedGen: generator hidden width")
+    generator_learning_rate: float = option(0.005, "-glr", "--generator_learning_rate",
+                                            help="FedGen: Adam learning rate of the server's generator")
+
+    def validate(self):
+        raise_first_failed([(self.server_epochs >= 1, f"-se must be >= 1, got {self.server_epochs}")]
+                           + [(ok, f"{flag} must be positive for FedGen")
+                              for flag, ok in (("-nd", self.noise_dim >= 1), ("-hd", self.hidden_dim >= 1),
+                                               ("-glr", self.generator_learning_rate > 0))])
 
 
 class ServerFedGen(ServerLG):
+    Settings = FedGenSettings
     phases = ("eval", "train", "generator")
-
-    @classmethod
-    def add_flags(cls, parser):
-        group = parser.add_argument_group("FedGen", "trains its generator -se steps per round")
-        group.add_argument("-nd", "--noise_dim", type=int, default=512, help="FedGen: generator noise size")
-        group.add_argument("-hd", "--hidden_dim", type=int, default=512, help="FedGen: generator hidden width")
-        group.add_argument("-glr", "--generator_learning_rate", type=float, default=0.005,
-                           help="FedGen: Adam learning rate of the server's generator")
-
-    @classmethod
-    def check_flags(cls, args):
-        raise_first_failed([(ok, f"{flag} must be positive for FedGen")
-                            for flag, ok in (("-nd", args.noise_dim >= 1), ("-hd", args.hidden_dim >= 1),
-                                             ("-glr", args.generator_learning_rate > 0))])
 
     def prepare(self):
         super().prepare()
-        args = self.args
-        self.feature_generator = FeatureGenerator(args.noise_dim, self.num_classes, args.hidden_dim,
-                                                  args.feature_dim).to(self.device)
+        settings = self.settings
+        self.feature_generator = FeatureGenerator(settings.noise_dim, self.num_classes, settings.hidden_dim,
+                                                  self.context.feature_dim).to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.feature_generator.parameters(),
-                                                    lr=args.generator_learning_rate)
-        self.torch_generator = torch.Generator().manual_seed(self.seed)
+                                                    lr=settings.generator_learning_rate)
+        # Draws the labels and the noise of the generator's training batches.
+        self.sample_rng = torch.Generator().manual_seed(self.seed)
         self.label_prior = None
-        tqdm.write(f"FedGen: noise dim {args.noise_dim}, hidden dim {args.hidden_dim}, generator lr "
-                   f"{args.generator_learning_rate}, {args.server_epochs} generator steps per round")
+        tqdm.write(f"FedGen: noise dim {settings.noise_dim}, hidden dim {settings.hidden_dim}, generator lr "
+                   f"{settings.generator_learning_rate}, {settings.server_epochs} generator steps per round")
 
     def client_spec(self):
         spec = super().client_spec()
-        spec.config.update(noise_dim=self.args.noise_dim, hidden_dim=self.args.hidden_dim,
-                           feature_dim=self.args.feature_dim)
+        spec.config.update(noise_dim=self.settings.noise_dim, hidden_dim=self.settings.hidden_dim,
+                           feature_dim=self.context.feature_dim)
         return spec
 
     @classmethod
@@ -88,13 +93,13 @@ class ServerFedGen(ServerLG):
     def train_generator(self, heads, samples):
         """-se Adam steps on batches of labels drawn from the label distribution; returns the mean loss."""
         weights = [n / sum(samples) for n in samples]
-        batch = max(2, self.args.batch_size)  # BatchNorm needs two samples
+        batch = max(2, self.context.batch_size)  # BatchNorm needs two samples
         self.feature_generator.train()
         total = 0.0
-        for _ in range(self.args.server_epochs):
-            labels = torch.multinomial(self.label_prior, batch, replacement=True, generator=self.torch_generator)
+        for _ in range(self.settings.server_epochs):
+            labels = torch.multinomial(self.label_prior, batch, replacement=True, generator=self.sample_rng)
             labels = labels.to(self.device)
-            features = self.feature_generator.sample(labels, self.torch_generator)
+            features = self.feature_generator.sample(labels, self.sample_rng)
             # One head module evaluated with each client's parameters (check_head made all heads alike).
             logits = sum(w * functional_call(self.head_template, head, (features,)) for w, head in zip(weights, heads))
             loss = F.cross_entropy(logits, labels)
@@ -103,17 +108,17 @@ class ServerFedGen(ServerLG):
             self.generator_optimizer.step()
             total += loss.item()
         self.feature_generator.eval()
-        return total / self.args.server_epochs
+        return total / self.settings.server_epochs
 
-    def extra_state(self):
-        state = super().extra_state()
+    def state_dict(self):
+        state = super().state_dict()
         state.update(generator=self.feature_generator.state_dict(), optimizer=self.generator_optimizer.state_dict(),
-                     torch_generator=self.torch_generator.get_state(), label_prior=self.label_prior)
+                     sample_rng=self.sample_rng.get_state(), label_prior=self.label_prior)
         return state
 
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.feature_generator.load_state_dict(state["generator"])
         self.generator_optimizer.load_state_dict(state["optimizer"])
-        self.torch_generator.set_state(state["torch_generator"])
+        self.sample_rng.set_state(state["sample_rng"])
         self.label_prior = state["label_prior"]

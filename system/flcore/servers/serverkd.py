@@ -1,46 +1,48 @@
 """FedKD (Wu et al., Nature Communications 2022): the server keeps the shared mentee. Clients upload their mentee
 updates as truncated SVD factors; the server averages them, compresses the average the same way, applies it and
 sends it back. The kept energy grows over rounds from T_start to T_end, as the paper schedules it."""
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
 from flcore.clients.clientkd import ClientFedKD, shared_state
+from flcore.errors import UserError
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.servers.serverbase import Server
+from flcore.settings import Settings, option, raise_first_failed
 from flcore.svd import svd_compress, svd_decompress
 from flcore.trainmodel import build_model, model_with_state
-from flcore.errors import UserError
-from flutils.options import raise_first_failed
+
+
+@dataclass(frozen=True)
+class FedKDSettings(Settings):
+    title = "FedKD"
+    mentee_learning_rate: float = option(0.01, "-mlr", "--mentee_learning_rate",
+                                         help="FedKD: learning rate of the shared mentee (the reference library)")
+    T_start: float = option(0.95, "-Ts", "--T_start",
+                            help="FedKD: SVD energy kept in the first round (the reference library)")
+    T_end: float = option(0.98, "-Te", "--T_end", help="FedKD: SVD energy kept at the end (the reference library)")
+    mentee_model: str = option("cnn4", "--mentee_model", help="FedKD: registry name of the shared mentee, built at -fd")
+
+    def validate(self):
+        raise_first_failed([
+            (0 < self.T_start <= self.T_end <= 1,
+             f"FedKD needs 0 < -Ts <= -Te <= 1, got -Ts {self.T_start} -Te {self.T_end}"),
+            (self.mentee_learning_rate > 0, f"-mlr must be > 0, got {self.mentee_learning_rate}"),
+        ])
 
 
 class ServerFedKD(Server):
+    Settings = FedKDSettings
     phases = ("eval", "train", "aggregate")
 
-    @classmethod
-    def add_flags(cls, parser):
-        group = parser.add_argument_group("FedKD")
-        group.add_argument("-mlr", "--mentee_learning_rate", type=float, default=0.01,
-                           help="FedKD: learning rate of the shared mentee (the reference library)")
-        group.add_argument("-Ts", "--T_start", type=float, default=0.95,
-                           help="FedKD: SVD energy kept in the first round (the reference library)")
-        group.add_argument("-Te", "--T_end", type=float, default=0.98,
-                           help="FedKD: SVD energy kept at the end (the reference library)")
-        group.add_argument("--mentee_model", default="cnn4",
-                           help="FedKD: registry name of the shared mentee, built at -fd")
-
-    @classmethod
-    def check_flags(cls, args):
-        raise_first_failed([
-            (0 < args.T_start <= args.T_end <= 1,
-             f"FedKD needs 0 < -Ts <= -Te <= 1, got -Ts {args.T_start} -Te {args.T_end}"),
-            (args.mentee_learning_rate > 0, f"-mlr must be > 0, got {args.mentee_learning_rate}"),
-        ])
-
     def prepare(self):
-        args = self.args
-        channels, height, _ = self.dataset.image_shape
+        settings = self.settings
+        channels, height, _ = self.context.image_shape
         try:
-            self.mentee = build_model(args.mentee_model, self.num_classes, args.feature_dim, channels, height)
+            self.mentee = build_model(settings.mentee_model, self.num_classes, self.context.feature_dim, channels,
+                                      height)
         except ValueError as exc:
             raise UserError(f"--mentee_model: {exc}") from None
         self.mentee.to(self.device)
@@ -49,16 +51,16 @@ class ServerFedKD(Server):
         self.version = 0
         self.synced_versions = {}
         self.last_update = None
-        tqdm.write(f"FedKD: mentee {args.mentee_model}, mentee lr {args.mentee_learning_rate}, "
-                   f"energy {args.T_start} -> {args.T_end}")
+        tqdm.write(f"FedKD: mentee {settings.mentee_model}, mentee lr {settings.mentee_learning_rate}, "
+                   f"energy {settings.T_start} -> {settings.T_end}")
 
     def client_spec(self):
         """The mentee's architecture and its one initial state, and the first round's energy."""
-        channels, height, _ = self.dataset.image_shape
+        channels, height, _ = self.context.image_shape
         return Payload(flatten(self.mentee.state_dict(), "mentee"),
-                       {"mentee_model": self.args.mentee_model, "feature_dim": self.args.feature_dim,
+                       {"mentee_model": self.settings.mentee_model, "feature_dim": self.context.feature_dim,
                         "channels": channels, "height": height,
-                        "mentee_learning_rate": self.args.mentee_learning_rate, "energy": self.energy()})
+                        "mentee_learning_rate": self.settings.mentee_learning_rate, "energy": self.energy()})
 
     @classmethod
     def new_client(cls, setup, spec):
@@ -70,8 +72,8 @@ class ServerFedKD(Server):
 
     def energy(self):
         """T_start + (T_end - T_start) * round / global_rounds."""
-        progress = self.round / max(self.args.global_rounds, 1)
-        return self.args.T_start + (self.args.T_end - self.args.T_start) * progress
+        progress = self.round / max(self.context.global_rounds, 1)
+        return self.settings.T_start + (self.settings.T_end - self.settings.T_start) * progress
 
     def payload_for(self, client_id):
         """The round's energy; with it nothing more to a client holding the current mentee, the last update to one
@@ -111,11 +113,11 @@ class ServerFedKD(Server):
             self.synced_versions[client_id] = self.version
         return dict.fromkeys(uploads, update)
 
-    def extra_state(self):
+    def state_dict(self):
         return {"mentee": self.mentee.state_dict(), "version": self.version, "last_update": self.last_update,
                 "synced_versions": dict(self.synced_versions)}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         self.mentee.load_state_dict(state["mentee"])
         self.version = state["version"]
         self.synced_versions = dict(state["synced_versions"])

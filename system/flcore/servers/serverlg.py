@@ -5,12 +5,14 @@ the heads, which have the same shape everywhere, are averaged on the server weig
 Per round: upload = (head floats) per arrived client; download = (head floats) per selected client, from the
 round after the first aggregation on."""
 import json
+from dataclasses import dataclass
 
 from flcore.clients.clientlg import ClientLG
 from flcore.exchange import Payload, flatten, unflatten
 from flcore.parameters import weighted_average
-from flcore.servers.serverbase import Server
 from flcore.errors import UserError
+from flcore.servers.serverbase import Server
+from flcore.settings import Settings
 
 
 def head_kind(model):
@@ -27,14 +29,23 @@ def check_head(algorithm, setup, spec):
                         f"head; choose a model family whose heads match (one without ViTs, e.g. HtFE8)")
 
 
+@dataclass(frozen=True)
+class LGSettings(Settings):
+    """LG-FedAvg has no flags of its own; the algorithms that extend it (FedGen) extend these settings."""
+    title = "LG-FedAvg"
+
+
 class ServerLG(Server):
+    Settings = LGSettings
+
     def prepare(self):
         self.global_head = None
         # Client 0's head: the kind every head must be, and the module the server evaluates heads with (FedGen).
-        reference = self.reference_model(0)
+        reference = self.context.reference_model(0)
         self.head_template = reference.head.to(self.device)
+        # The algorithm named in check_head's error: the title of the settings (LG-FedAvg, FedGen).
         self.head_spec = {"head_kind": head_kind(reference), "head_model": reference.model_name,
-                          "algorithm": self.args.algorithm}
+                          "algorithm": self.settings.title}
 
     def client_spec(self):
         return Payload(config=dict(self.head_spec))
@@ -58,9 +69,9 @@ class ServerLG(Server):
         self.average_heads(list(uploads.values()))
         return {}
 
-    def extra_state(self):
+    def state_dict(self):
         return {"global_head": self.global_head}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         head = state["global_head"]
         self.global_head = None if head is None else {k: v.to(self.device) for k, v in head.items()}

@@ -2,6 +2,7 @@
 prototypes, weighted by each client's sample count of the class. Also the shared round of every server whose
 clients upload per-class mean features (FedGH, FedTGP)."""
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -10,10 +11,23 @@ from flcore.clients.clientproto import ClientFedProto
 from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.servers.serverbase import Server
-from flutils.options import flag_or_default
+from flcore.settings import Settings, option, raise_first_failed
 
-# -lam's default for FedProto: the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
-FEDPROTO_LAMDA = 10.0
+
+@dataclass(frozen=True)
+class PrototypeSettings(Settings):
+    """The settings every server of per-class mean features extends (FedProto, FedGH, FedTGP); no flags shared."""
+    title = "prototype servers"
+
+
+@dataclass(frozen=True)
+class FedProtoSettings(PrototypeSettings):
+    title = "FedProto"
+    # The default is the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
+    lamda: float = option(10.0, "-lam", "--lamda", help="FedProto: weight of the prototype regularizer")
+
+    def validate(self):
+        raise_first_failed([(self.lamda >= 0, f"-lam must be >= 0, got {self.lamda}")])
 
 
 class PrototypeServer(Server):
@@ -21,6 +35,7 @@ class PrototypeServer(Server):
     them into global knowledge of a new version and replies with it to the clients whose uploads arrived; a
     selected client holding an older version gets it at the start of its round. Subclasses define
     `update_knowledge`, `knowledge` and `metric_names`."""
+    Settings = PrototypeSettings
     phases = ("eval", "train", "aggregate")
     metric_names = ()
 
@@ -65,24 +80,25 @@ class PrototypeServer(Server):
             self.client_versions[client_id] = self.version
         return dict.fromkeys(uploads, knowledge)
 
-    def extra_state(self):
+    def state_dict(self):
         return {"version": self.version, "client_versions": dict(self.client_versions)}
 
-    def load_extra_state(self, state):
+    def load_state_dict(self, state):
         self.version = state["version"]
         self.client_versions = dict(state["client_versions"])
 
 
 class ServerFedProto(PrototypeServer):
+    Settings = FedProtoSettings
+
     def prepare(self):
         super().prepare()
-        self.lamda = flag_or_default(self.args.lamda, FEDPROTO_LAMDA, "-lam", at_least=0)
-        self.global_prototypes = torch.zeros(self.num_classes, self.args.feature_dim, device=self.device)
+        self.global_prototypes = torch.zeros(self.num_classes, self.context.feature_dim, device=self.device)
         self.present = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
-        tqdm.write(f"FedProto: lambda {self.lamda}")
+        tqdm.write(f"FedProto: lambda {self.settings.lamda}")
 
     def client_spec(self):
-        return Payload(config={"lamda": self.lamda})
+        return Payload(config={"lamda": self.settings.lamda})
 
     @classmethod
     def new_client(cls, setup, spec):
@@ -101,12 +117,12 @@ class ServerFedProto(PrototypeServer):
         classes = torch.nonzero(self.present).squeeze(1)
         return Payload({"prototypes": self.global_prototypes[classes], "classes": classes})
 
-    def extra_state(self):
-        state = super().extra_state()
+    def state_dict(self):
+        state = super().state_dict()
         state.update(global_prototypes=self.global_prototypes, present=self.present)
         return state
 
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.global_prototypes = state["global_prototypes"].to(self.device)
         self.present = state["present"].to(self.device)

@@ -1,6 +1,8 @@
 """FedTGP (Zhang et al., AAAI 2024): trainable global prototypes. A small network maps each class id to its
 global prototype (embedding -> Linear -> ReLU -> Linear); the server trains it on the clients' prototypes with
 adaptive-margin-enhanced contrastive learning and sends the K prototypes back."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,11 +12,32 @@ from flcore.clients.clienttgp import ClientFedTGP
 from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.server_training import train_on_rows
-from flcore.servers.serverproto import PrototypeServer
-from flutils.options import flag_or_default, raise_first_failed
+from flcore.servers.serverproto import PrototypeServer, PrototypeSettings
+from flcore.settings import option, raise_first_failed
 
-# -lam's default for FedTGP: the paper's own run script (TsingZ0/FedTGP system/run_me.sh, -lam 10).
-FEDTGP_LAMDA = 10.0
+
+@dataclass(frozen=True)
+class FedTGPSettings(PrototypeSettings):
+    title = "FedTGP"
+    description = "trains the prototypes on the server in batches of -lbs"
+    server_epochs: int = option(100, "-se", "--server_epochs", help="FedTGP: server training epochs per round")
+    # The default is the paper's own run script (TsingZ0/FedTGP system/run_me.sh, -lam 10).
+    lamda: float = option(10.0, "-lam", "--lamda", help="FedTGP: weight of the prototype regularizer")
+    # None: the run's -lr, which only the run's settings know, so the server resolves it (prepare); the reference
+    # trains the prototypes at the clients' learning rate.
+    server_learning_rate: float = option(None, "-slr", "--server_learning_rate",
+                                         help="FedTGP: learning rate of the server's training; -lr when not given")
+    margin_threshold: float = option(100.0, "-mart", "--margin_threshold",
+                                     help="FedTGP: upper bound of the adaptive margin (the reference library)")
+
+    def validate(self):
+        raise_first_failed([
+            (self.server_epochs >= 1, f"-se must be >= 1, got {self.server_epochs}"),
+            (self.margin_threshold >= 0, f"-mart must be >= 0, got {self.margin_threshold}"),
+            (self.lamda >= 0, f"-lam must be >= 0, got {self.lamda}"),
+            (self.server_learning_rate is None or self.server_learning_rate > 0,
+             f"-slr must be > 0, got {self.server_learning_rate}"),
+        ])
 
 
 class TrainablePrototypes(nn.Module):
@@ -53,46 +76,37 @@ def margin_contrastive_loss(features, labels, prototypes, margin):
 
 
 class ServerFedTGP(PrototypeServer):
+    Settings = FedTGPSettings
     metric_names = ("server_loss", "margin")
-
-    @classmethod
-    def add_flags(cls, parser):
-        group = parser.add_argument_group(
-            "FedTGP", "-lam defaults to 10, -slr to -lr; trains on the server for -se epochs in batches of -lbs")
-        group.add_argument("-mart", "--margin_threshold", type=float, default=100.0,
-                           help="FedTGP: upper bound of the adaptive margin (the reference library)")
-
-    @classmethod
-    def check_flags(cls, args):
-        raise_first_failed([(args.margin_threshold >= 0, f"-mart must be >= 0, got {args.margin_threshold}")])
 
     def prepare(self):
         super().prepare()
-        self.lamda = flag_or_default(self.args.lamda, FEDTGP_LAMDA, "-lam", at_least=0)
-        # The reference trains the prototypes at the clients' learning rate.
-        self.server_lr = flag_or_default(self.args.server_learning_rate, self.args.local_learning_rate, "-slr",
-                                         above=0)
-        self.prototype_net = TrainablePrototypes(self.num_classes, self.args.feature_dim).to(self.device)
-        self.shuffle_generator = torch.Generator().manual_seed(self.seed)
+        # -slr, or by default the run's -lr.
+        self.server_lr = self.settings.server_learning_rate
+        if self.server_lr is None:
+            self.server_lr = self.context.learning_rate
+        raise_first_failed([(self.server_lr > 0, f"-slr must be > 0, got {self.server_lr}")])
+        self.prototype_net = TrainablePrototypes(self.num_classes, self.context.feature_dim).to(self.device)
+        self.shuffle_rng = torch.Generator().manual_seed(self.seed)
         self.global_prototypes = None
-        tqdm.write(f"FedTGP: lambda {self.lamda}, server lr {self.server_lr}, "
-                   f"server epochs {self.args.server_epochs}, margin threshold {self.args.margin_threshold}")
+        tqdm.write(f"FedTGP: lambda {self.settings.lamda}, server lr {self.server_lr}, "
+                   f"server epochs {self.settings.server_epochs}, margin threshold {self.settings.margin_threshold}")
 
     def client_spec(self):
-        return Payload(config={"lamda": self.lamda})
+        return Payload(config={"lamda": self.settings.lamda})
 
     @classmethod
     def new_client(cls, setup, spec):
         return ClientFedTGP(setup, lamda=spec.config["lamda"])
 
     def update_knowledge(self, means, classes, counts):
-        margin = adaptive_margin(means, classes, self.num_classes, self.args.margin_threshold)
+        margin = adaptive_margin(means, classes, self.num_classes, self.settings.margin_threshold)
 
         def loss(index):
             return margin_contrastive_loss(means[index], classes[index], self.prototype_net(), margin)
 
-        server_loss = train_on_rows(loss, self.prototype_net.parameters(), len(classes), self.args.server_epochs,
-                                    self.args.batch_size, self.server_lr, self.shuffle_generator)
+        server_loss = train_on_rows(loss, self.prototype_net.parameters(), len(classes), self.settings.server_epochs,
+                                    self.context.batch_size, self.server_lr, self.shuffle_rng)
         with torch.no_grad():
             self.global_prototypes = self.prototype_net()
         self.round_metrics = {"server_loss": server_loss, "margin": margin}
@@ -102,15 +116,15 @@ class ServerFedTGP(PrototypeServer):
         return Payload({"prototypes": self.global_prototypes,
                         "classes": torch.arange(self.num_classes, device=self.device)})
 
-    def extra_state(self):
-        state = super().extra_state()
+    def state_dict(self):
+        state = super().state_dict()
         state.update(prototype_net=self.prototype_net.state_dict(), global_prototypes=self.global_prototypes,
-                     shuffle_generator=self.shuffle_generator.get_state())
+                     shuffle_rng=self.shuffle_rng.get_state())
         return state
 
-    def load_extra_state(self, state):
-        super().load_extra_state(state)
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.prototype_net.load_state_dict(state["prototype_net"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
         prototypes = state["global_prototypes"]
         self.global_prototypes = None if prototypes is None else prototypes.to(self.device)

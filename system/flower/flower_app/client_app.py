@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from flcore.algorithms import server_class
 from flcore.clients.clientbase import client_setup
+from flcore.errors import UserError
 from flcore.exchange import Payload, take_turn
 from flower_app.records import (
     NodeState,
@@ -19,7 +20,6 @@ from flower_app.records import (
     reply_content,
 )
 from flutils.data import load_federated_dataset
-from flcore.errors import UserError
 from flutils.experiment import resolve_device
 
 app = ClientApp()

@@ -7,8 +7,8 @@ from dataclasses import fields
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flcore.client_store import decode, encode, read_state_file, write_state_file
-from flcore.exchange import Payload, TurnReply, TurnRequest
 from flcore.errors import UserError
+from flcore.exchange import Payload, TurnReply, TurnRequest
 from flutils.options import build_parser, parse_args
 
 

@@ -59,8 +59,8 @@ def discover_nodes(grid, num_clients, wait_seconds):
 class FlowerClients:
     """The engine that runs a run's clients on Flower nodes (the Runner's engine, as LocalClients). The server
     sends each client the spec on first contact, and with every turn the number of turns it completed, so a node
-    goes back to the state a resumed server expects. A turn that fails or times out is sent once more if its client's SuperNode comes back
-    (under a new node id) within `rejoin_wait` seconds: the node reads the state the turn expects, so the retried
+    goes back to the state a resumed server expects. A turn that fails or times out is sent once more if its
+    client's SuperNode comes back (under a new node id) within `rejoin_wait` seconds: the node reads the state the turn expects, so the retried
     turn computes what the lost one would have. Otherwise the client misses the round (as with -cdr) and the
     runner has the algorithm forget what it believed the client holds."""
 
