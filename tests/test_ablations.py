@@ -107,7 +107,8 @@ def test_centroid_reset(make_server, round_timer, reset):
     server.exchange(server.clients, round_timer(server))
     means = class_means(server)
     renderable = server.algorithm.image_generator.renderable  # the face DCGAN's: class means moved to the typical norm
-    matches = [torch.allclose(server.algorithm.centroids[c], renderable(m[None])[0], atol=1e-5) for c, m in means.items()]
+    matches = [torch.allclose(server.algorithm.centroids[c], renderable(m[None])[0], atol=1e-5)
+               for c, m in means.items()]
     assert all(matches) if reset == "1" else not any(matches)
 
 

@@ -172,7 +172,8 @@ def test_face_dcgan_is_the_default_and_clients_regress_the_rendered_latent(make_
     with torch.no_grad():
         expected = F.interpolate(adapter.render(server.algorithm.pair_latents), size=(32, 32), mode="bilinear",
                                  align_corners=False, antialias=True)
-    assert torch.allclose(server.algorithm.pair_images, expected.clamp(-1, 1), atol=1e-5), "the images are of the sent latents"
+    assert torch.allclose(server.algorithm.pair_images, expected.clamp(-1, 1), atol=1e-5), \
+        "the images are of the sent latents"
     metrics = server.algorithm.round_metrics
     assert metrics["pair_latent_norm"] == pytest.approx(typical_gaussian_norm(100), rel=1e-4)
     assert metrics["valid_latent_norm"] == pytest.approx(typical_gaussian_norm(100), rel=0.05)

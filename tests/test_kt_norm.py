@@ -161,5 +161,6 @@ def test_transfer_loss_is_recorded_per_step_from_the_first_pairs_on(make_server,
     client.train()
     assert len(client.transfer_losses) == client.batches_last_round
     server.exchange([client], timer)
-    assert server.algorithm.round_metrics["transfer_loss"] == pytest.approx(float(torch.stack(client.transfer_losses).mean()))
+    assert server.algorithm.round_metrics["transfer_loss"] == pytest.approx(
+        float(torch.stack(client.transfer_losses).mean()))
     assert server.algorithm.round_metrics["transfer_loss"] > 0

@@ -75,7 +75,8 @@ def test_pipeline_is_loaded_once_per_experiment(sd_argv, server_from_argv):
     first = server_from_argv(sd_argv(), cache=cache)
     second = server_from_argv(sd_argv("--seed", "3"), cache=cache)
     assert first.algorithm.image_generator.pipeline is second.algorithm.image_generator.pipeline
-    assert server_from_argv(sd_argv()).algorithm.image_generator.pipeline is not first.algorithm.image_generator.pipeline
+    assert (server_from_argv(sd_argv()).algorithm.image_generator.pipeline
+            is not first.algorithm.image_generator.pipeline)
 
 
 def test_valid_latents_are_scaled_standard_normal(sd_server):

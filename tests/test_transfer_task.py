@@ -30,7 +30,8 @@ def test_pairs_per_class_sends_the_centroids_first_then_latents_around_them(serv
     server = server_with_pairs("--kt_pairs_per_class", "3")
     k, latent = server.algorithm.num_classes, server.algorithm.image_generator.latent_dim
     assert server.algorithm.pair_latents.shape == (3 * k, latent) and server.algorithm.pair_images.shape[0] == 3 * k
-    assert torch.equal(server.algorithm.pair_latents[:k], server.algorithm.centroids.detach()), "rows 0..K-1: the class centroids"
+    assert torch.equal(server.algorithm.pair_latents[:k], server.algorithm.centroids.detach()), \
+        "rows 0..K-1: the class centroids"
     assert len(server.clients[0].pair_latents) == 3 * k
     # StyleGAN's W latents are rendered as they are, so each extra latent is 0.7 c + 0.3 w with w a valid latent.
     extra = server.algorithm.pair_latents[k:].view(2, k, latent)

@@ -181,7 +181,7 @@ def dcgan_adapter(path, settings, device):
 
 
 class DCGANCheckpoint(GeneratorEntry):
-    description = "a DCGAN checkpoint (-GPath; torch.save's zip format)"
+    """A DCGAN checkpoint in -GPath (torch.save's zip format)."""
 
     def recognizes(self, path):
         return is_dcgan_checkpoint(path)
@@ -192,7 +192,6 @@ class DCGANCheckpoint(GeneratorEntry):
 
 class FaceDCGAN(GeneratorEntry):
     """The face DCGAN of the installed gan-face-generate wheel; the untrained built-in when it is not installed."""
-    description = f"the pre-trained face DCGAN of {FACE_DCGAN_PACKAGE} (the untrained built-in without it)"
 
     def load(self, settings, context, cache):
         weights = face_dcgan_weights_path()

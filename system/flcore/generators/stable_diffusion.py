@@ -132,8 +132,8 @@ class StableDiffusionLatents:
 
 
 class StableDiffusionEntry(GeneratorEntry):
+    """A diffusers Stable Diffusion folder in -GPath, rendered with -prompt."""
     defaults = PaperDefaults(lamda=0.01, mu=100.0, server_lr=0.1)
-    description = "a diffusers Stable Diffusion folder (-GPath), rendered with -prompt"
 
     def recognizes(self, path):
         return os.path.isfile(os.path.join(path, "model_index.json"))

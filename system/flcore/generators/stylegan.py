@@ -47,12 +47,11 @@ class StyleGANPickle(GeneratorEntry):
     """A network pickle ({'G_ema': G}) of StyleGAN2/3 (unconditional or not) or StyleGAN-XL (class-conditional:
     `conditional` refuses an unconditional one). Its untrained stand-in has `builtin_c_dim` classes."""
 
-    def __init__(self, defaults, conditional, weights_readme, description):
+    def __init__(self, defaults, conditional, weights_readme):
         self.defaults = defaults
         self.conditional = conditional
         self.builtin_c_dim = IMAGENET_CLASSES if conditional else 0
         self.weights_readme = weights_readme
-        self.description = description
 
     def recognizes(self, path):
         """Any file: NVIDIA's pickles are plain pickles (the loader says what is wrong with another file)."""
@@ -74,7 +73,6 @@ class StyleGANPickle(GeneratorEntry):
 class UntrainedStyleGAN(GeneratorEntry):
     """The built-in StyleGAN-style generator with random weights, sized to the clients' images; class-conditional
     like the StyleGAN variant the algorithm is named after (`variants` by registry name; StyleGAN3 otherwise)."""
-    description = "the built-in StyleGAN-style generator with random weights (no pre-trained knowledge)"
 
     def __init__(self, variants, fallback):
         self.variants = variants
@@ -90,10 +88,9 @@ class UntrainedStyleGAN(GeneratorEntry):
         return StyleGANLatents(G, context.device)
 
 
+# StyleGAN2 and StyleGAN3 pickles share one entry (the same W interface); the paper's values are StyleGAN3's.
 STYLEGAN_3 = StyleGANPickle(PaperDefaults(lamda=0.1, mu=50.0, server_lr=0.01), conditional=False,
-                            weights_readme="stylegan/stylegan-3-models/README.md",
-                            description="a StyleGAN2/StyleGAN3 network pickle (-GPath)")
+                            weights_readme="stylegan/stylegan-3-models/README.md")
 STYLEGAN_XL = StyleGANPickle(PaperDefaults(lamda=1.0, mu=50.0, server_lr=0.01), conditional=True,
-                             weights_readme="stylegan/stylegan-xl-models/README.md",
-                             description="a class-conditional StyleGAN-XL network pickle (-GPath)")
+                             weights_readme="stylegan/stylegan-xl-models/README.md")
 UNTRAINED = UntrainedStyleGAN({"stylegan-3": STYLEGAN_3, "stylegan-xl": STYLEGAN_XL}, STYLEGAN_3)

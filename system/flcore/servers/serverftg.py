@@ -34,13 +34,15 @@ class FedFTGSettings(Settings):
                                  help="FedFTG: server iterations I per round, each on a fresh batch of labels and "
                                       "noise")
     ftg_generator_steps: int = option(1, "--ftg_generator_steps", help="FedFTG: generator steps I_g per iteration")
-    ftg_distill_steps: int = option(5, "--ftg_distill_steps", help="FedFTG: global-model steps I_d per iteration")
+    ftg_distill_steps: int = option(5, "--ftg_distill_steps",
+                                    help="FedFTG: global-model steps I_d per iteration")
     ftg_batch_size: int = option(64, "--ftg_batch_size", help="FedFTG: generated samples per batch")
     # None: 100 up to 10 classes, else 256 (it depends on the run's number of classes).
     ftg_noise_dim: int = option(None, "--ftg_noise_dim",
                                 help="FedFTG: generator noise size (default: 100 up to 10 classes, else 256, as the "
                                      "paper)")
-    ftg_generator_lr: float = option(0.01, "--ftg_generator_lr", help="FedFTG: the generator's Adam learning rate")
+    ftg_generator_lr: float = option(0.01, "--ftg_generator_lr",
+                                     help="FedFTG: the generator's Adam learning rate")
     ftg_generator_width: int = option(64, "--ftg_generator_width",
                                       help="FedFTG: the generator's base width (its first blocks have twice as many "
                                            "channels)")
