@@ -38,13 +38,16 @@ def settings_classes():
 
 
 def default_text(name, classes):
-    """The default a flag shows in -h: the one value, or 'depends on -algo' when algorithms differ."""
-    defaults = set()
+    """The default a flag shows in -h: its one value, or each declaring group's own when they differ."""
+    defaults = {}
     for klass in classes:
-        for f in fields(klass):
-            if f.name == name:
-                defaults.add(repr(f.default) if f.default is not MISSING else "required")
-    return defaults.pop() if len(defaults) == 1 else "depends on -algo"
+        declared = {f.name: f for f in fields(klass)}
+        if name in declared:
+            f = declared[name]
+            defaults[klass.title] = repr(f.default) if f.default is not MISSING else "required"
+    if len(set(defaults.values())) == 1:
+        return next(iter(defaults.values()))
+    return ", ".join(f"{title} {value}" for title, value in defaults.items())
 
 
 def add_flag(group, f, default):
