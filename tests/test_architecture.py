@@ -12,13 +12,14 @@ from torch import nn
 
 from flcore import algorithms
 from flcore.errors import UserError
-from flcore.generators.adapter import GeneratorAdapter, PaperDefaults
+from flcore.generators import registry as generator_registry
+from flcore.generators.base import GeneratorAdapter
 from flcore.generators.dcgan import DCGANGenerator, GaussianLatents
+from flcore.generators.stylegan import StyleGANLatents
 from flcore.load_cache import LoadCache
 from flcore.paths import REPO_ROOT
 from flcore.per_class import add_per_class, per_class_means
 from flcore.servers.serverbase import Server
-from flcore.servers.serverktl_stylegan_3 import StyleGANLatents
 from flcore.settings import RunSettings, own_fields
 from flutils import experiment
 from flutils.options import build_parser, parse_args, settings_classes
@@ -80,14 +81,15 @@ class TinyGAN(nn.Module):
         return self.net(z).view(-1, 3, 16, 16)
 
 
-def test_readme_new_generator_recipe_runs(registered, small_run, capsys, one_torch_thread):
+def test_readme_new_generator_recipe_runs(monkeypatch, small_run, capsys, one_torch_thread):
+    monkeypatch.setattr(generator_registry, "GENERATORS", dict(generator_registry.GENERATORS))
     namespace = {"load_my_gan": lambda path: TinyGAN()}
     exec(compile(readme_python_block("**Adding a generator.**"), "README-generator", "exec"), namespace)
-    registered("FedKTL-mygan", "readme_serverktl_mygan", namespace, "ServerKTLMyGAN")
     adapter = namespace["MyGANLatents"](TinyGAN(), torch.device("cpu"))
     assert isinstance(adapter, GeneratorAdapter)
 
-    assert experiment.main(small_run("-algo", "FedKTL-mygan", "-gr", "2", "-se", "2", "--image_every", "0")) == 0
+    assert experiment.main(small_run("-algo", "FedKTL-stylegan-3", "-gen", "mygan", "-GPath", "my_gan.pt", "-gr",
+                                     "2", "-se", "2", "--image_every", "0")) == 0
     assert "FedKTL: lambda 0.1, mu 50.0, server lr 0.01, latent dim 8" in capsys.readouterr().out
 
 
@@ -95,9 +97,8 @@ def test_every_builtin_adapter_satisfies_the_protocol():
     from compact_stylegan import build_default_generator
 
     cpu = torch.device("cpu")
-    defaults = PaperDefaults(lamda=1.0, mu=2.0, server_lr=0.5)
-    adapters = [StyleGANLatents(build_default_generator(16, 3), cpu, defaults),
-                GaussianLatents(DCGANGenerator(z_dim=8, widths=(16, 8)), cpu, defaults)]
+    adapters = [StyleGANLatents(build_default_generator(16, 3), cpu),
+                GaussianLatents(DCGANGenerator(z_dim=8, widths=(16, 8)), cpu)]
     for adapter in adapters:
         assert isinstance(adapter, GeneratorAdapter), type(adapter).__name__
         latents = adapter.sample_valid(3, torch.Generator().manual_seed(0))
@@ -116,7 +117,8 @@ def test_each_flag_is_declared_by_its_owners_settings_and_shown_in_its_algorithm
     owner_of = {flag: klasses[0] for flag, klasses in owners.items() if len(klasses) == 1}
     server = algorithms.server_class
     assert owner_of["--alpha"] is server("FML").Settings and owner_of["--mentee_model"] is server("FedKD").Settings
-    assert owner_of["--sd_steps"] is server("FedKTL-stable-diffusion").Settings
+    for algorithm in ("FedKTL-stable-diffusion", "FGL"):  # the Stable Diffusion flags: one class both extend
+        assert issubclass(server(algorithm).Settings, owner_of["--sd_steps"])
     for flag in ("--kt_norm", "--generator"):  # FedKTL's loop's own: every FedKTL-* settings class extends its owner
         assert issubclass(server("FedKTL-stylegan-3").Settings, owner_of[flag])
         assert issubclass(server("FedKTL-stable-diffusion").Settings, owner_of[flag])
@@ -124,7 +126,8 @@ def test_each_flag_is_declared_by_its_owners_settings_and_shown_in_its_algorithm
     # -lam is the algorithms' own flag, declared (with the same names) by each that reads it, not a general one.
     assert RunSettings not in owners["--lamda"] and len(owners["--lamda"]) >= 3
     help_text = build_parser().format_help()
-    for group in ("FML:", "FedGen:", "FedKD:", "FedTGP:", "FedKTL-stable-diffusion:", "FedKTL (every generator):"):
+    for group in ("FML:", "FedGen:", "FedKD:", "FedTGP:", "Stable Diffusion (FedKTL-stable-diffusion, FGL):",
+                  "FedKTL (every generator):"):
         assert f"\n{group}\n" in help_text, group
 
 

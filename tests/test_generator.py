@@ -421,3 +421,13 @@ def test_a_registered_generator_can_be_chosen_with_gen():
         assert registry.load_generator(settings, SimpleNamespace(), LoadCache()).latent_dim == 2
     finally:
         del registry.GENERATORS["constant"]
+
+
+@pytest.mark.parametrize("name", ["untrained", "face-dcgan"])
+def test_a_generator_that_reads_no_file_refuses_a_path(name):
+    from flcore.errors import UserError
+    from flcore.servers.serverktl import FedKTLSettings
+
+    with pytest.raises(UserError, match=f"-gen {name} reads no file, but -GPath g.pkl was given"):
+        FedKTLSettings(generator=name, generator_path="g.pkl")
+    assert FedKTLSettings(generator="auto", generator_path="g.pkl").generator_path == "g.pkl"

@@ -195,6 +195,7 @@ def test_an_algorithm_registered_from_a_test_file_runs_end_to_end(toy_registered
     assert result["download_floats"].tolist() == [4, 4]
     assert len(result["rs_test_acc"]) == 3 and (result["toy_mean"] >= 1).all()
 
+    capsys.readouterr()
     assert experiment.main(small_run("-algo", "Toy", "--toy_shift", "-1")) == 2
     assert capsys.readouterr().err.strip() == "error: --toy_shift must be >= 0, got -1.0"
 

@@ -37,6 +37,7 @@ class GeneratorEntry:
     keeps what is slow to load between the runs of an experiment); settings are the FedKTL settings (-GPath, -lrs,
     the Stable Diffusion options). `recognizes(path)`: whether the file at `path` is of this kind (for -gen auto)."""
     defaults: PaperDefaults | None = None  # the paper's hyperparameters, where the paper has them
+    reads_path = True  # whether it loads from -GPath (the untrained and the installed face generators do not)
 
     def recognizes(self, path) -> bool:
         return False

@@ -192,6 +192,7 @@ class DCGANCheckpoint(GeneratorEntry):
 
 class FaceDCGAN(GeneratorEntry):
     """The face DCGAN of the installed gan-face-generate wheel; the untrained built-in when it is not installed."""
+    reads_path = False
 
     def load(self, settings, context, cache):
         weights = face_dcgan_weights_path()

@@ -73,6 +73,7 @@ class StyleGANPickle(GeneratorEntry):
 class UntrainedStyleGAN(GeneratorEntry):
     """The built-in StyleGAN-style generator with random weights, sized to the clients' images; class-conditional
     like the StyleGAN variant the algorithm is named after (`variants` by registry name; StyleGAN3 otherwise)."""
+    reads_path = False
 
     def __init__(self, variants, fallback):
         self.variants = variants

@@ -12,12 +12,19 @@ from tqdm import tqdm
 
 from flcore.clients.clientktl import ClientKTL, TransferSettings
 from flcore.exchange import Payload, flatten
-from flcore.generators.registry import AUTO, GENERATORS, load_generator
+from flcore.generators import registry
+from flcore.generators.registry import AUTO, load_generator
 from flcore.generators.stable_diffusion import StableDiffusionSettings
 from flcore.generators.stylegan import STYLEGAN_3
 from flcore.images import image_metrics, to_client_images
-from flcore.ktl_ops import (PAPER_MARGIN, FeatureTransformer, FixedProjection, align_domains, class_mean_reset,
-                            simplex_etf)
+from flcore.ktl_ops import (
+    PAPER_MARGIN,
+    FeatureTransformer,
+    FixedProjection,
+    align_domains,
+    class_mean_reset,
+    simplex_etf,
+)
 from flcore.servers.serverbase import Server
 from flcore.settings import option, raise_first_failed
 
@@ -114,8 +121,11 @@ class FedKTLSettings(StableDiffusionSettings):
             (self.server_learning_rate > 0, f"-slr must be > 0, got {self.server_learning_rate}"),
             (self.server_epochs >= 1, f"-se must be >= 1, got {self.server_epochs}"),
             *self.stable_diffusion_checks(),
-            (self.generator == AUTO or self.generator in GENERATORS,
-             f"unknown generator '{self.generator}' (-gen); choose from: {', '.join([AUTO, *GENERATORS])}"),
+            (self.generator == AUTO or self.generator in registry.GENERATORS,
+             f"unknown generator '{self.generator}' (-gen); choose from: {', '.join([AUTO, *registry.GENERATORS])}"),
+            (not self.generator_path or getattr(registry.GENERATORS.get(self.generator), "reads_path", True),
+             f"-gen {self.generator} reads no file, but -GPath {self.generator_path} was given; drop -GPath, or pass "
+             f"-gen auto to load that file"),
         ])
 
 
