@@ -144,6 +144,12 @@ def read_state_file(path, tensors=True):
     return state, metadata
 
 
+def normalized(state):
+    """A checkpoint's client states in the stores' format; checkpoints written before the stores hold the states
+    themselves, as a list by client id."""
+    return {"store": MemoryStore.kind, "states": state} if isinstance(state, list) else state
+
+
 def merge_checkpoint_states(parts, shares, num_clients):
     """One checkpoint state (the format of a store's checkpoint_state) from the states of workers' stores, worker
     k holding the clients shares[k]: so a run in workers and one in this process resume each other."""
@@ -174,6 +180,7 @@ class MemoryStore:
         return {"store": self.kind, "states": [client.state_dict() for client in clients]}
 
     def restore(self, clients, state):
+        state = normalized(state)
         for client in clients:
             if state.get("store") == self.kind:
                 client_state = state["states"][client.id]
@@ -335,6 +342,7 @@ class DiskStore:
                 "folder": os.path.abspath(self.folder)}
 
     def restore(self, clients, state):
+        state = normalized(state)
         if state.get("store") == self.kind:
             own = {client.id for client in clients}
             files = {int(k): v for k, v in state["files"].items() if int(k) in own}
