@@ -60,13 +60,34 @@ def killed_and_resumed(flags, results_dir, checkpoints):
     main_py([*flags, "-sfn", checkpoints, "--resume"], results_dir)
 
 
+def stop_processes_mentioning(text):
+    """Ends the processes whose command line contains `text` (the local SuperLink and SuperExec that `flwr run`
+    starts and leaves running, found by their Flower home folder)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except OSError:
+                pass
+
+
 def flower_run(data_dir, results_dir):
     overrides = " ".join(f'{k}="{v}"' for k, v in {
         "algorithm": "FedProto", "dataset_dir": data_dir, "dataset": "Digits", "results_dir": results_dir}.items())
-    done = subprocess.run(["flwr", "run", os.path.join(REPO, "system", "flower"), "local", "--stream",
-                           "--federation-config", "num-supernodes=4", "--run-config", overrides],
-                          capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, FLWR_HOME=os.path.join(os.path.dirname(results_dir), "flwr_home")))
+    home = os.path.join(os.path.dirname(results_dir), "flwr_home")
+    try:
+        done = subprocess.run(["flwr", "run", os.path.join(REPO, "system", "flower"), "local", "--stream",
+                               "--federation-config", "num-supernodes=4", "--run-config", overrides],
+                              capture_output=True, text=True, timeout=1800, env=dict(os.environ, FLWR_HOME=home))
+    finally:
+        stop_processes_mentioning(home)
     if done.returncode != 0:
         sys.exit(f"flwr run failed\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
