@@ -190,12 +190,21 @@ class Runner:
         self.slow_train = self.pick_clients(settings.train_slow_rate)
         self.send_slow = self.pick_clients(settings.send_slow_rate)
         self.engine = engine if engine is not None else LocalClients()
-        self.engine.start(ClientPlan(
+        self.start_engine(ClientPlan(
             server_cls=server_cls, settings=settings, run=run, device=device, image_shape=dataset.image_shape,
             data={i: dataset.clients[i] for i in range(settings.num_clients) if i < len(dataset.clients)},
             slow_train=frozenset(self.slow_train), spec=self.spec, store_location=self.store_location(),
             reference_model=self.reference_model))
         torch.manual_seed(self.seed)
+
+    def start_engine(self, plan):
+        """Builds the clients through the engine; if that fails (a client its worker cannot build), the engine is
+        closed before the error goes on, so no worker outlives the run."""
+        try:
+            self.engine.start(plan)
+        except BaseException:
+            self.engine.close()
+            raise
 
     @property
     def phases(self):
