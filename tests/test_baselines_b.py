@@ -186,7 +186,7 @@ def test_fedproto_predicts_the_nearest_global_prototype(small_run):
     scores = client.scores(POINTS)
     torch.testing.assert_close(scores[0], -torch.tensor([2.0, 82.0, 82.0]).sqrt())
     assert scores.argmax(1).tolist() == [0, 1, 2, 1]
-    correct, total, auc = client.test_metrics()
+    correct, total, auc, _ = client.test_metrics()
     assert (correct, total) == (4, 4) and auc == pytest.approx(1.0)
     client.receive(knowledge(PROTOTYPES, NO_CLASS_1))
     assert client.scores(POINTS).argmax(1).tolist() == [0, 0, 2, 0], "a class without a prototype is never chosen"

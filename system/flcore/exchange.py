@@ -75,7 +75,7 @@ class TurnRequest:
 
 @dataclass
 class TurnReply:
-    """stats: (correct, test samples, AUC, last training loss) when evaluated; upload: after training;
+    """stats: (correct, test samples, AUC, test loss, last training loss) when evaluated; upload: after training;
     seconds: per phase of the turn; train_seconds: of training alone; batches: training steps taken (for the simulated delays of slow clients)."""
     stats: tuple | None = None
     upload: Payload | None = None

@@ -33,7 +33,7 @@ from flcore.servers.serverbase import RunContext
 # Settings that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
                "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
-               "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir"}
+               "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir", "logger"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1
@@ -106,6 +106,17 @@ def store_choice_line(kind, folder, state_sizes, num_clients):
             f"{available / 2**30 if available else float('nan'):.1f} GiB available (--client_state chooses)")
 
 
+def client_range_text(clients):
+    """The end of an evaluation's line: its worst and best client by test accuracy (`clients`: {client id:
+    (accuracy, ...)}; those without test data are left out), or nothing when there are none."""
+    rated = {client_id: metrics[0] for client_id, metrics in clients.items() if not np.isnan(metrics[0])}
+    if not rated:
+        return ""
+    worst, best = min(rated, key=rated.get), max(rated, key=rated.get)
+    return (f"; clients worst {100 * rated[worst]:.1f} % (client {worst}), "
+            f"best {100 * rated[best]:.1f} % (client {best})")
+
+
 def run_client_turns(clients, store, requests, upload_phase, progress=False):
     """The turns of `requests` ({client id: TurnRequest}) on `clients` ({client id: client}), in order, each client
     resident in `store` for its turn; returns {client id: TurnReply}."""
@@ -157,9 +168,10 @@ class Runner:
     """One run (-t gives several) of the algorithm `config.run.algorithm` with settings `config`: builds the
     algorithm's server and, through `engine` (default: LocalClients), its clients; `train()` runs the rounds."""
 
-    def __init__(self, config, dataset, run, device, cache=None, engine=None, image_sink=None):
+    def __init__(self, config, dataset, run, device, cache=None, engine=None, image_sink=None, observer=None):
         """`image_sink(round, images, captions)`: called with the images an algorithm made in a round (FedKTL's
-        generated pairs), to save or log them."""
+        generated pairs), to save or log them. `observer` (flcore/history.py: Observer) watches the history as it
+        is recorded."""
         self.config = config
         self.settings = settings = config.run
         self.dataset = dataset
@@ -170,7 +182,7 @@ class Runner:
         self.seed = derive_seed(settings.seed, run)
         self.rng = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
-        self.history = History()
+        self.history = History(settings.num_clients, observer)
         self.round = 0
         self.upload_floats = 0
         self.download_floats = 0
@@ -270,26 +282,29 @@ class Runner:
         return arrived
 
     def evaluate(self, stats):
-        """Records the round's evaluation from each client's (correct, samples, AUC, last train loss); clients whose
-        turn failed (Flower) are missing from `stats`."""
-        if not any(s[1] for s in stats):
+        """Records the round's evaluation from each client's (correct, samples, AUC, test loss, last train loss), by
+        client id; clients whose turn failed (Flower) are missing from `stats`."""
+        if not any(s[1] for s in stats.values()):
             nan = float("nan")
             self.history.record_eval(self.round, nan, nan, nan, nan, nan)
             tqdm.write(f"round {self.round:4d} | no client's evaluation arrived")
             return
-        correct = np.array([s[0] for s in stats], dtype=np.float64)
-        counts = np.array([s[1] for s in stats], dtype=np.float64)
-        aucs = np.array([s[2] for s in stats], dtype=np.float64)
+        ids = list(stats)
+        correct = np.array([stats[i][0] for i in ids], dtype=np.float64)
+        counts = np.array([stats[i][1] for i in ids], dtype=np.float64)
+        aucs = np.array([stats[i][2] for i in ids], dtype=np.float64)
         has_test = counts > 0
         acc = correct.sum() / counts.sum()
         auc = float(np.sum(aucs[has_test] * counts[has_test]) / counts.sum())
         per_client_acc = correct[has_test] / counts[has_test]
-        losses = [s[3] for s in stats if not np.isnan(s[3])]
+        losses = [s[4] for s in stats.values() if not np.isnan(s[4])]
         train_loss = float(np.mean(losses)) if losses else float("nan")
+        # A client without test data has no accuracy (nan), and weighs nothing in the pooled one.
+        clients = {i: (s[0] / s[1] if s[1] else float("nan"), s[2], s[3], s[4], s[1]) for i, s in stats.items()}
         self.history.record_eval(self.round, float(acc), auc, float(per_client_acc.std()),
-                                 float(aucs[has_test].std()), train_loss)
+                                 float(aucs[has_test].std()), train_loss, clients)
         tqdm.write(f"round {self.round:4d} | test acc {acc:.4f} | test auc {auc:.4f} | "
-                   f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}")
+                   f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}{client_range_text(clients)}")
 
     def round_requests(self, selected, evaluating, train_in_turn):
         """The turns of one round: the selected clients (sent their payloads, evaluated when `evaluating`, trained
@@ -369,7 +384,8 @@ class Runner:
             train_in_turn = not (last or settings.auto_break)
             replies = self.run_turns(self.round_requests(selected, evaluating, train_in_turn), timer)
             if evaluating:
-                self.evaluate([replies[client_id].stats for client_id in sorted(replies) if replies[client_id].stats])
+                self.evaluate({client_id: replies[client_id].stats for client_id in sorted(replies)
+                               if replies[client_id].stats})
                 if last or (settings.auto_break and self.history.evaluations_since_best() >= settings.top_cnt):
                     break
             if not train_in_turn:
@@ -378,7 +394,7 @@ class Runner:
             trained = {client_id: reply for client_id, reply in replies.items() if reply.upload is not None}
             arrived = self.arrived_uploads(trained)
             self.receive_uploads({client_id: trained[client_id].upload for client_id in arrived}, timer)
-            self.history.record_round(time.perf_counter() - start, timer.seconds,
+            self.history.record_round(r, time.perf_counter() - start, timer.seconds,
                                       self.upload_floats, self.download_floats, self.algorithm.round_metrics)
             if self.algorithm.round_images is not None and self.image_sink is not None:
                 self.image_sink(r, *self.algorithm.round_images)

@@ -151,6 +151,10 @@ class RunSettings(Settings):
     image_every: int = option(1, "--image_every",
                               help="algorithms that generate images (FedKTL): save the grid every this many rounds "
                                    "(0: never)")
+    logger: str = option("none", "--logger", choices=("none", "tensorboard", "wandb"),
+                         help="also send every round's scalars and generated image grids to TensorBoard (event files "
+                              "in --results_dir/tensorboard/) or W&B (needs `pip install wandb`; WANDB_MODE=offline "
+                              "works without a network); the .h5, .json and .png are written either way")
     shots: int = option(0, "--shots", help="keep only this many training samples per class on each client "
                                            "(N-way K-shot, the paper's cloud-edge setting; 0: all)")
     batch_size: int = option(10, "-lbs", "--batch_size")

@@ -14,6 +14,7 @@ from flcore.trainmodel import family_models
 from flutils.data import load_federated_dataset
 from flutils.options import parse_args
 from flutils.results import experiment_name, plot_accuracy, summarize, write_h5, write_summary
+from flutils.tracking import check_logger, open_tracker
 from flutils.visualize import save_image_grid
 
 
@@ -36,6 +37,7 @@ def check_device_flags(args, device):
 
 def run_experiment(config):
     """All runs of one configuration (flcore/settings.py: Config); returns the summary over runs."""
+    check_logger(config.run.logger)
     threads = torch.get_num_threads()
     if config.run.num_threads:
         torch.set_num_threads(config.run.num_threads)
@@ -45,16 +47,32 @@ def run_experiment(config):
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
 
 
-def image_saver(args, run):
+def image_saver(args, run, tracker=None):
     """The runner's image sink: an algorithm's images of a round saved as a captioned grid every --image_every
-    rounds and after the last one."""
+    rounds and after the last one, and sent to `tracker` (--logger)."""
     folder = os.path.join(args.results_dir, run_name(args, run) + "_images")
 
     def save(round_index, images, captions):
         every = args.image_every
         if every and ((round_index + 1) % every == 0 or round_index + 1 == args.global_rounds):
-            save_image_grid(os.path.join(folder, f"round_{round_index:04d}.png"), images, captions)
+            path = os.path.join(folder, f"round_{round_index:04d}.png")
+            save_image_grid(path, images, captions)
+            if tracker is not None:
+                tracker.image(round_index, path)
     return save
+
+
+def start_run(config, run, dataset, device, cache, engine):
+    """(runner, tracker) of run `run`: the tracker (--logger) observes the runner's history; a runner that cannot
+    be built closes the tracker before the error goes on."""
+    args = config.run
+    tracker = open_tracker(config, run_name(args, run), experiment_name(args))
+    try:
+        return Runner(config, dataset, run, device, cache, engine=engine, image_sink=image_saver(args, run, tracker),
+                      observer=tracker), tracker
+    except BaseException:
+        tracker.close()
+        raise
 
 
 def run_all(config):
@@ -73,14 +91,14 @@ def run_all(config):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        runner = Runner(config, dataset, run, device, cache, engine=client_pool(args),
-                        image_sink=image_saver(args, run))
+        runner, tracker = start_run(config, run, dataset, device, cache, client_pool(args))
         try:
             if args.resume:
                 runner.resume()
             histories.append(write_run(config, run, runner, runner.train()))
         finally:
             runner.close()
+            tracker.close()
     return summarize_runs(args, histories)
 
 

@@ -19,6 +19,7 @@ def write_h5(history, path, attrs):
             f.create_dataset(key, data=np.asarray(series, dtype=np.float64))
         for name, series in history.phase_times.items():
             f.create_dataset(f"time_{name}", data=np.asarray(series, dtype=np.float64))
+        f.create_dataset("client_test_samples", data=np.asarray(history.client_samples, dtype=np.int64))
         best_acc, best_round = history.best()
         f.attrs["best_acc"] = best_acc
         f.attrs["best_round"] = best_round
@@ -54,6 +55,19 @@ def write_summary(path, summary):
     os.replace(tmp, path)
 
 
+def client_range(rows):
+    """(min, max) over the clients of each evaluation's per-client values (`rows`: evaluations x clients), nan
+    where no client has a value."""
+    if not len(rows):
+        return np.empty(0), np.empty(0)
+    values = np.asarray(rows, dtype=np.float64)
+    present = ~np.isnan(values)
+    low = np.where(present, values, np.inf).min(axis=1, initial=np.inf)
+    high = np.where(present, values, -np.inf).max(axis=1, initial=-np.inf)
+    empty = ~present.any(axis=1)
+    return np.where(empty, np.nan, low), np.where(empty, np.nan, high)
+
+
 def plot_accuracy(path, histories, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -61,9 +75,12 @@ def plot_accuracy(path, histories, title):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for run, history in enumerate(histories):
-        ax.plot(history.values["eval_rounds"], np.asarray(history.accuracies) * 100, marker=".", label=f"run {run}")
+        rounds = history.values["eval_rounds"]
+        line, = ax.plot(rounds, np.asarray(history.accuracies) * 100, marker=".", label=f"run {run}")
+        low, high = client_range(history.values["rs_client_acc"])
+        ax.fill_between(rounds, low * 100, high * 100, color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), band: clients' min to max")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

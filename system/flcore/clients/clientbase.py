@@ -192,12 +192,16 @@ class Client:
         """Per-class scores whose argmax is the prediction."""
         return self.model(x)
 
+    def test_loss(self, scores, y):
+        """The mean loss of `scores` (what `scores` gives) against the labels `y`: cross-entropy."""
+        return float(F.cross_entropy(scores, y))
+
     @torch.no_grad()
     def test_metrics(self):
-        """(correct, samples, micro AUC) on the client's test split; AUC is nan when it has no test data or the
-        model's scores are not finite."""
+        """(correct, samples, micro AUC, loss) on the client's test split; AUC and loss are nan when it has no test
+        data or the model's scores are not finite."""
         if len(self.test_y) == 0:
-            return 0, 0, float("nan")
+            return 0, 0, float("nan"), float("nan")
         self.model.eval()
         outputs = []
         for start in range(0, len(self.test_y), EVAL_BATCH):
@@ -206,8 +210,9 @@ class Client:
         scores = torch.cat(outputs)
         correct = int((scores.argmax(1) == self.test_y).sum())
         if not torch.isfinite(scores).all():  # a diverged model: no ranking to score, but the run goes on
-            return correct, len(self.test_y), float("nan")
-        return correct, len(self.test_y), micro_auc(self.test_y.numpy(), scores.numpy(), self.num_classes)
+            return correct, len(self.test_y), float("nan"), float("nan")
+        return (correct, len(self.test_y), micro_auc(self.test_y.numpy(), scores.numpy(), self.num_classes),
+                self.test_loss(scores, self.test_y))
 
     def state_modules(self):
         """The modules whose parameters and buffers `state_dict()` holds: what a client-state store may free

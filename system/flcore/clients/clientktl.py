@@ -133,6 +133,10 @@ class ClientKTL(Client):
     def scores(self, x):
         return self.model(x) if self.etf is None else etf_cosines(self.model(x), self.etf)
 
+    def test_loss(self, scores, y):
+        """With the ETF head: cross-entropy of the scaled cosines, the training loss without its margin."""
+        return super().test_loss(scores if self.etf is None else SCALE * scores, y)
+
     def prototypes(self):
         """(P [C_i, K], classes [C_i]): per local class, the normalized mean of normalized head outputs."""
         sums, counts = self.class_sums(lambda x: F.normalize(self.model(x), dim=1))

@@ -75,8 +75,8 @@ def read_reply(content):
     record = content["reply"]
     stats = None
     if record["has_stats"]:
-        correct, samples, auc, loss = record["stats"]
-        stats = (int(correct), int(samples), auc, loss)
+        correct, samples, auc, test_loss, train_loss = record["stats"]
+        stats = (int(correct), int(samples), auc, test_loss, train_loss)
     upload = get_payload(content, "upload") if record["has_upload"] else None
     return TurnReply(stats=stats, upload=upload, seconds=dict(content["seconds"]),
                      **{name: kind(record[name]) for name, kind in REPLY_NUMBERS.items()})

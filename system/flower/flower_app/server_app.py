@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from flcore.errors import UserError
 from flcore.load_cache import LoadCache
-from flcore.runner import Runner
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flutils.experiment import image_saver, resolve_device, summarize_runs, write_run
+from flutils.experiment import resolve_device, start_run, summarize_runs, write_run
+from flutils.tracking import check_logger
 
 app = ServerApp()
 
@@ -158,6 +158,7 @@ class FlowerClients:
 def run_on_flower(grid, run_config):
     config, settings = engine_settings(run_config)
     args = config.run
+    check_logger(args.logger)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     dataset = load_federated_dataset(args, only=[])
@@ -168,10 +169,13 @@ def run_on_flower(grid, run_config):
     cache = LoadCache()
     for run in range(args.prev, args.times):
         clients = FlowerClients(grid, nodes, run, settings["turn-timeout"], settings["rejoin-wait"])
-        runner = Runner(config, dataset, run, device, cache, engine=clients, image_sink=image_saver(args, run))
-        if args.resume:
-            runner.resume()
-        histories.append(write_run(config, run, runner, runner.train()))
+        runner, tracker = start_run(config, run, dataset, device, cache, clients)
+        try:
+            if args.resume:
+                runner.resume()
+            histories.append(write_run(config, run, runner, runner.train()))
+        finally:
+            tracker.close()
     return summarize_runs(args, histories)
 
 
