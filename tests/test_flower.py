@@ -16,7 +16,8 @@ from flower_app import client_app
 from flower_app.server_app import run_on_flower
 from flutils import experiment
 
-CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
+CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats",
+          "rs_client_acc", "rs_client_auc", "rs_client_loss", "rs_client_train_loss", "client_test_samples")
 CLIENTS = 4
 
 
