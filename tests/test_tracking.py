@@ -158,6 +158,18 @@ def test_logger_wandb_without_the_package_is_one_line_and_writes_nothing(small_r
     assert not os.path.exists(results_dir(argv))
 
 
+def test_a_wandb_run_that_cannot_start_is_one_line(small_run, capsys, monkeypatch, wandb_offline):
+    import wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(wandb, "init", no_key)
+    assert experiment.main(small_run("-algo", "Local", "-gr", "1", "--logger", "wandb")) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --logger wandb could not start a run (No API key configured. Use `wandb login` to log in.); run "
+        "`wandb login`, or set WANDB_MODE=offline to log without a network")
+
+
 def test_evaluation_line_names_the_worst_and_best_client(make_server, capsys):
     server = make_server("Local")
     # (correct, samples, AUC, test loss, train loss) by client; client 2 has no test data, client 3's turn failed.

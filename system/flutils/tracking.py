@@ -94,8 +94,14 @@ class WandbTracker(Tracker):
 
         self.wandb = wandb
         os.makedirs(folder, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=name, group=group,
-                              config=config, dir=os.environ.get("WANDB_DIR") or folder, reinit="create_new")
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, name=name, group=group,
+                                  config=config, dir=os.environ.get("WANDB_DIR") or folder, reinit="create_new")
+        except wandb.errors.Error as exc:  # no API key, no network
+            wandb.teardown()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--logger wandb could not start a run ({reason}); run `wandb login`, or set "
+                            f"WANDB_MODE=offline to log without a network") from None
         self.closed = False
 
     def log(self, step, values):
