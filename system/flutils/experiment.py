@@ -47,7 +47,7 @@ def run_experiment(config):
         torch.set_num_threads(threads)  # in-process callers (tests, notebooks) get their setting back
 
 
-def image_saver(args, run, tracker=None):
+def image_saver(args, run, tracker):
     """The runner's image sink: an algorithm's images of a round saved as a captioned grid every --image_every
     rounds and after the last one, and sent to `tracker` (--logger)."""
     folder = os.path.join(args.results_dir, run_name(args, run) + "_images")
@@ -57,8 +57,7 @@ def image_saver(args, run, tracker=None):
         if every and ((round_index + 1) % every == 0 or round_index + 1 == args.global_rounds):
             path = os.path.join(folder, f"round_{round_index:04d}.png")
             save_image_grid(path, images, captions)
-            if tracker is not None:
-                tracker.image(round_index, path)
+            tracker.image(round_index, path)
     return save
 
 
@@ -97,8 +96,10 @@ def run_all(config):
                 runner.resume()
             histories.append(write_run(config, run, runner, runner.train()))
         finally:
-            runner.close()
-            tracker.close()
+            try:
+                runner.close()
+            finally:
+                tracker.close()
     return summarize_runs(args, histories)
 
 
