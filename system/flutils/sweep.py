@@ -238,7 +238,11 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    failed = run_points(points, options.parallel)
+    try:
+        failed = run_points(points, options.parallel)
+    except KeyboardInterrupt:
+        print("sweep interrupted: the same command resumes it (finished points are skipped)", file=sys.stderr)
+        return 130
     md_path, csv_path, rows = write_table(points, list(points[0].values), options.late, options.out)
     print(f"table of {rows} point(s): {md_path} and {csv_path}")
     if failed:
