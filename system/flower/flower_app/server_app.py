@@ -14,7 +14,7 @@ from flcore.load_cache import LoadCache
 from flcore.runner import Runner
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flutils.experiment import image_saver, resolve_device, summarize_runs, write_run
+from flutils.experiment import image_saver, resolve_device, save_config, summarize_runs, write_run
 
 app = ServerApp()
 
@@ -171,6 +171,8 @@ def run_on_flower(grid, run_config):
         runner = Runner(config, dataset, run, device, cache, engine=clients, image_sink=image_saver(args, run))
         if args.resume:
             runner.resume()
+        if run == args.prev:
+            save_config(config)
         histories.append(write_run(config, run, runner, runner.train()))
     return summarize_runs(args, histories)
 
