@@ -13,8 +13,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from flcore.errors import UserError
 from flcore.paths import REPO_ROOT
 from flower_app import client_app
+from flower_app.records import engine_settings
 from flower_app.server_app import run_on_flower
 from flutils import experiment
+from flutils.options import parse_args
 
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats",
           "rs_client_acc", "rs_client_auc", "rs_client_loss", "rs_client_train_loss", "client_test_samples")
@@ -111,6 +113,8 @@ def test_flower_turns_give_the_in_process_results_bit_for_bit(digits_root, small
     run_on_flower(grid, grid.run_config)
     assert_same_curves(read_curves(tmp_path / "flower", algorithm), expected)
     assert {kind for _, kind in grid.sent} == {"query", "train", "evaluate"}
+    saved = parse_args(["--config", str(tmp_path / "flower" / f"Digits_{algorithm}_flower.toml")])
+    assert saved == engine_settings(grid.run_config)[0], "a Flower run saves its resolved configuration too"
 
 
 def test_a_failing_node_drops_its_client_from_the_round_and_gets_the_whole_mentee_after(digits_root, tmp_path,

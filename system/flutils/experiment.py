@@ -11,6 +11,7 @@ from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
 from flcore.runner import Runner, run_name
 from flcore.trainmodel import family_models
+from flutils.config_file import write_config
 from flutils.data import load_federated_dataset
 from flutils.options import parse_args
 from flutils.results import experiment_name, plot_accuracy, summarize, write_h5, write_summary
@@ -94,6 +95,8 @@ def run_all(config):
         try:
             if args.resume:
                 runner.resume()
+            if run == args.prev:
+                save_config(config)
             histories.append(write_run(config, run, runner, runner.train()))
         finally:
             try:
@@ -101,6 +104,15 @@ def run_all(config):
             finally:
                 tracker.close()
     return summarize_runs(args, histories)
+
+
+def save_config(config):
+    """The resolved configuration beside the results, once the first run has started (a run refused for bad input
+    writes nothing): `main.py --config` of it reruns the experiment."""
+    name = experiment_name(config.run)
+    path = os.path.join(config.run.results_dir, name + ".toml")
+    write_config(path, config, name)
+    print(f"configuration written to {path}")
 
 
 def client_pool(args):

@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from flcore.algorithms import server_class, server_classes
 from flcore.errors import UserError
 from flcore.settings import Config, RunSettings, Settings, field_type, own_fields, str2bool
+from flutils.config_file import check_keys_apply, read_config
 
 
 def import_plugins(argv):
@@ -68,6 +69,9 @@ def build_parser():
         description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
     p.add_argument("--import", dest="plugins", action="append", default=[], metavar="MODULE",
                    help="import this module first (a user's algorithm that calls flcore.algorithms.register)")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="experiment file: flat TOML whose keys are the long flag names (global_rounds = 2); flags "
+                        "given here override it. Each run saves its resolved one as <results>.toml")
     classes = settings_classes()
     declared = {}
     for klass in classes:
@@ -101,4 +105,10 @@ def parse_args(argv=None):
     import_plugins(argv)
     values = vars(build_parser().parse_args(argv))
     values.pop("plugins", None)
-    return resolve(values)
+    path = values.pop("config", None)
+    if path is None:
+        return resolve(values)
+    from_file = read_config(path, settings_classes())
+    config = resolve({**from_file, **values})
+    check_keys_apply(from_file, config, settings_classes(), path)
+    return config

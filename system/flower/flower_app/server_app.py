@@ -13,7 +13,7 @@ from flcore.errors import UserError
 from flcore.load_cache import LoadCache
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flutils.experiment import resolve_device, start_run, summarize_runs, write_run
+from flutils.experiment import resolve_device, save_config, start_run, summarize_runs, write_run
 from flutils.tracking import check_logger
 
 app = ServerApp()
@@ -173,6 +173,8 @@ def run_on_flower(grid, run_config):
         try:
             if args.resume:
                 runner.resume()
+            if run == args.prev:
+                save_config(config)
             histories.append(write_run(config, run, runner, runner.train()))
         finally:
             tracker.close()
