@@ -1,6 +1,8 @@
 """Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
 import math
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -183,3 +185,53 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def processes_mentioning(text):
+    """Ids of this machine's processes (not this one) whose command line contains `text`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def stop_processes_mentioning(text, wait_seconds=10.0):
+    """Ends the processes whose command line contains `text` (SIGTERM, then SIGKILL); returns their ids."""
+    pids = processes_mentioning(text)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_seconds
+        while processes_mentioning(text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not processes_mentioning(text):
+            break
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flower_home(tmp_path_factory):
+    """Flower's home folder (FLWR_HOME: its CLI config, the local SuperLink's database, installed apps) in a
+    temporary folder for the whole session, so the suite never writes ~/.flwr. `flwr run` starts a local SuperLink
+    and SuperExec that outlive it; they name this folder on their command lines, so a test that runs Flower stops
+    them, and the session fails here if any is still running at its end (stopped now)."""
+    home = str(tmp_path_factory.mktemp("flwr_home"))
+    before = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = home
+    yield home
+    if before is None:
+        os.environ.pop("FLWR_HOME", None)
+    else:
+        os.environ["FLWR_HOME"] = before
+    left = stop_processes_mentioning(home)
+    assert not left, f"Flower processes {left} that tests started were still running at the end of the session"

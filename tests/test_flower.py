@@ -15,6 +15,7 @@ from flcore.paths import REPO_ROOT
 from flower_app import client_app
 from flower_app.server_app import run_on_flower
 from flutils import experiment
+from conftest import processes_mentioning, stop_processes_mentioning
 
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
 CLIENTS = 4
@@ -243,15 +244,34 @@ def test_bad_flower_input_is_one_clear_error_and_writes_nothing(digits_root, tmp
     assert not os.path.exists(tmp_path / "results")
 
 
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr is installed by .ci/run (requirements-flower.txt)")
-def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_path):
+@pytest.fixture
+def own_flower_home(tmp_path, monkeypatch):
+    """A Flower home of this test's own (FLWR_HOME); the local SuperLink and SuperExec that `flwr run` starts there
+    and leaves running are stopped after the test."""
+    home = tmp_path / "flwr_home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    yield home
+    stop_processes_mentioning(str(home))
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr is installed by requirements.txt")
+def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_path, own_flower_home):
     """`flwr run system/flower` with 4 virtual SuperNodes in Flower's simulation engine: FedProto's curves equal
-    main.py's."""
+    main.py's; Flower wrote only into its home under tmp_path, and nothing of it is left running."""
     expected = in_process(small_argv, tmp_path / "main", "FedProto")
     overrides = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in {
         "algorithm": "FedProto", "dataset_dir": str(digits_root), "results_dir": str(tmp_path / "flower")}.items())
-    done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
-                           "--federation-config", f"num-supernodes={CLIENTS}", "--run-config", overrides],
-                          capture_output=True, text=True, timeout=900)
+    user_home = os.path.expanduser("~/.flwr")
+    user_home_before = os.path.exists(user_home) and os.stat(user_home).st_mtime_ns
+    try:
+        done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
+                               "--federation-config", f"num-supernodes={CLIENTS}", "--run-config", overrides],
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        started = stop_processes_mentioning(str(own_flower_home))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_curves(read_curves(tmp_path / "flower", "FedProto"), expected)
+    assert started, "flwr run's local SuperLink names its Flower home on its command line (how it is found)"
+    assert processes_mentioning(str(own_flower_home)) == []
+    assert (os.path.exists(user_home) and os.stat(user_home).st_mtime_ns) == user_home_before, "~/.flwr was written"
+    assert os.path.isdir(own_flower_home)

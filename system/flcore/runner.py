@@ -30,6 +30,9 @@ from flcore.history import History
 from flcore.load_cache import LoadCache
 from flcore.servers.serverbase import RunContext
 
+# Why round 0's numbers are what they are: it evaluates before any training.
+ROUND_ZERO_NOTE = ("before any training: untrained models (methods that classify by prototypes have none yet, so "
+                   "their accuracy can be below chance)")
 # Settings that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
                "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
@@ -288,6 +291,10 @@ class Runner:
         train_loss = float(np.mean(losses)) if losses else float("nan")
         self.history.record_eval(self.round, float(acc), auc, float(per_client_acc.std()),
                                  float(aucs[has_test].std()), train_loss)
+        if self.round == 0:  # evaluated before any training: there is no train loss to show yet
+            tqdm.write(f"round    0 | test acc {acc:.4f} | test auc {auc:.4f} | acc std {per_client_acc.std():.4f} | "
+                       f"{ROUND_ZERO_NOTE}")
+            return
         tqdm.write(f"round {self.round:4d} | test acc {acc:.4f} | test auc {auc:.4f} | "
                    f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}")
 

@@ -63,8 +63,16 @@ def add_flag(group, f, default):
                            help=help_text)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A usage error is one line (`main.py: error: ...`, exit 2), not the 50-line usage above it: argparse's
+    message names the flag and, for a flag with choices, the valid ones; -h lists the rest."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (main.py -h lists every flag)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
     p.add_argument("--import", dest="plugins", action="append", default=[], metavar="MODULE",
                    help="import this module first (a user's algorithm that calls flcore.algorithms.register)")
