@@ -73,7 +73,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser():
     p = OneLineErrorParser(
-        description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
+        prog="main.py", description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
     p.add_argument("--import", dest="plugins", action="append", default=[], metavar="MODULE",
                    help="import this module first (a user's algorithm that calls flcore.algorithms.register)")
     classes = settings_classes()
