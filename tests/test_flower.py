@@ -7,15 +7,18 @@ import subprocess
 
 import numpy as np
 import pytest
+import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import processes_mentioning, stop_processes_mentioning
 from flcore.errors import UserError
 from flcore.paths import REPO_ROOT
 from flower_app import client_app
-from flower_app.server_app import run_on_flower
+from flower_app.records import engine_settings
+from flower_app.server_app import differences_from_main, run_on_flower
 from flutils import experiment
-from conftest import processes_mentioning, stop_processes_mentioning
+from flutils.options import parse_args
 
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats")
 CLIENTS = 4
@@ -242,6 +245,20 @@ def test_bad_flower_input_is_one_clear_error_and_writes_nothing(digits_root, tmp
     with pytest.raises(UserError, match=fragment):
         run_on_flower(grid, config)
     assert not os.path.exists(tmp_path / "results")
+
+
+def test_the_app_says_where_its_defaults_differ_from_main():
+    """The app's run config (system/flower/pyproject.toml) is sized for a quick check; the ServerApp names every
+    setting that main.py without flags would set otherwise."""
+    with open(os.path.join(REPO_ROOT, "system", "flower", "pyproject.toml"), "rb") as f:
+        app_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    config, _ = engine_settings(app_config)
+    changed = differences_from_main(config)
+    for expected in ("global_rounds 2 (main.py: 10)", "feature_dim 64 (main.py: 512)", "device 'cpu' (main.py: 'auto')",
+                     "num_threads 1 (main.py: 0)", "goal 'flower' (main.py: 'test')", "image_every 0 (main.py: 1)"):
+        assert expected in changed
+    assert len(changed) == 6, changed
+    assert differences_from_main(parse_args([])) == []
 
 
 @pytest.fixture
