@@ -83,6 +83,12 @@ def test_a_users_own_dataset_is_not_sent_to_a_script_that_does_not_exist(tmp_pat
     assert "there is no dataset/generate_MyDigits.py" in message and "dataset/README.md" in message
 
 
+def test_a_missing_dataset_of_unknown_name_lists_the_ones_the_scripts_make(tmp_path):
+    message = dataset_error(tmp_path, "-data", "MyDigits")
+    assert "check -data and --dataset_dir" in message and "Cifar10, Cifar100, Digits" in message
+    assert "generate_MyDigits" not in message
+
+
 def test_an_empty_config_names_what_it_lacks_not_none(tmp_path):
     (tmp_path / "Digits").mkdir()
     (tmp_path / "Digits" / "config.json").write_text("{}")

@@ -93,8 +93,12 @@ def load_federated_dataset(args, only=None):
     if not os.path.isfile(config_path):
         if args.dataset == "Digits":
             ensure_digits(folder, args.num_clients)
-        else:
+        elif args.dataset in SPECS:
             raise UserError(f"dataset '{args.dataset}' not found at {folder}; create it with: {regenerate}")
+        else:
+            raise UserError(f"dataset '{args.dataset}' not found at {folder}: check -data and --dataset_dir; the "
+                            f"scripts in dataset/ make {', '.join(sorted(SPECS))}, and dataset/README.md shows how "
+                            f"to make a dataset of your own")
     try:
         with open(config_path) as f:
             config = json.load(f)
