@@ -15,7 +15,7 @@ from flcore.settings import Config, RunSettings, Settings, field_type, own_field
 def import_plugins(argv):
     """Imports the modules named by --import (a user's algorithms, which register themselves) before the parser
     is built, so their flags are part of it."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineErrorParser(prog="main.py", add_help=False)
     pre.add_argument("--import", dest="plugins", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
     for module in known.plugins:
