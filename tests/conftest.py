@@ -1,6 +1,8 @@
 """Fixtures shared by the test files; the project's packages come from its editable install (pip install -e .)."""
 import math
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -183,3 +185,73 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def processes_mentioning(text):
+    """Ids of this machine's processes (not this one) whose command line contains `text`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def stop_processes_mentioning(text, wait_seconds=10.0):
+    """Ends the processes whose command line contains `text`; returns their ids."""
+    pids = processes_mentioning(text)
+    stop_processes(pids, wait_seconds)
+    return pids
+
+
+def stop_processes(pids, wait_seconds=10.0):
+    """SIGTERM, then SIGKILL for those still alive after `wait_seconds`."""
+    def alive():
+        return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_seconds
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not alive():
+            return
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flower_home(tmp_path_factory):
+    """Flower's home folder (FLWR_HOME: its CLI config, the local SuperLink's database, installed apps) in a
+    temporary folder for the whole session, so the suite never writes ~/.flwr. `flwr run` starts a local SuperLink
+    and SuperExec that outlive it, and they name their Flower home on their command lines: a test that runs Flower
+    stops them, and the session fails here if a Flower process that names one of the session's temporary folders
+    is still running at its end (stopped now)."""
+    home = str(tmp_path_factory.mktemp("flwr_home"))
+    before = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = home
+    yield home
+    if before is None:
+        os.environ.pop("FLWR_HOME", None)
+    else:
+        os.environ["FLWR_HOME"] = before
+    session_folder = str(tmp_path_factory.getbasetemp())
+    left = [pid for pid in processes_mentioning(session_folder) if is_flower_process(pid)]
+    stop_processes(left)
+    assert not left, f"Flower processes {left} that tests started were still running at the end of the session"
+
+
+def is_flower_process(pid):
+    """Whether process `pid` is one of Flower's (a SuperLink, SuperExec, SuperNode or the flwr CLI)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(name in command for name in ("flower-superlink", "flower-superexec", "flower-supernode", "flwr"))

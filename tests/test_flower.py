@@ -7,14 +7,16 @@ import subprocess
 
 import numpy as np
 import pytest
+import tomllib
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import processes_mentioning, stop_processes_mentioning
 from flcore.errors import UserError
 from flcore.paths import REPO_ROOT
 from flower_app import client_app
 from flower_app.records import engine_settings
-from flower_app.server_app import run_on_flower
+from flower_app.server_app import differences_from_main, run_on_flower
 from flutils import experiment
 from flutils.options import parse_args
 
@@ -248,15 +250,48 @@ def test_bad_flower_input_is_one_clear_error_and_writes_nothing(digits_root, tmp
     assert not os.path.exists(tmp_path / "results")
 
 
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr is installed by .ci/run (requirements-flower.txt)")
-def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_path):
+def test_the_app_says_where_its_defaults_differ_from_main():
+    """The app's run config (system/flower/pyproject.toml) is sized for a quick check; the ServerApp names every
+    setting that main.py without flags would set otherwise."""
+    with open(os.path.join(REPO_ROOT, "system", "flower", "pyproject.toml"), "rb") as f:
+        app_config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    config, _ = engine_settings(app_config)
+    changed = differences_from_main(config)
+    for expected in ("global_rounds 2 (main.py: 10)", "feature_dim 64 (main.py: 512)", "device 'cpu' (main.py: 'auto')",
+                     "num_threads 1 (main.py: 0)", "goal 'flower' (main.py: 'test')", "image_every 0 (main.py: 1)"):
+        assert expected in changed
+    assert len(changed) == 6, changed
+    assert differences_from_main(parse_args([])) == []
+
+
+@pytest.fixture
+def own_flower_home(tmp_path, monkeypatch):
+    """A Flower home of this test's own (FLWR_HOME); the local SuperLink and SuperExec that `flwr run` starts there
+    and leaves running are stopped after the test."""
+    home = tmp_path / "flwr_home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    yield home
+    stop_processes_mentioning(str(home))
+
+
+@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr is installed by requirements.txt")
+def test_flwr_run_simulation_engine_matches_main(digits_root, small_argv, tmp_path, own_flower_home):
     """`flwr run system/flower` with 4 virtual SuperNodes in Flower's simulation engine: FedProto's curves equal
-    main.py's."""
+    main.py's; Flower wrote only into its home under tmp_path, and nothing of it is left running."""
     expected = in_process(small_argv, tmp_path / "main", "FedProto")
     overrides = " ".join(f"{k}={v!r}".replace("'", '"') for k, v in {
         "algorithm": "FedProto", "dataset_dir": str(digits_root), "results_dir": str(tmp_path / "flower")}.items())
-    done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
-                           "--federation-config", f"num-supernodes={CLIENTS}", "--run-config", overrides],
-                          capture_output=True, text=True, timeout=900)
+    user_home = os.path.expanduser("~/.flwr")
+    user_home_before = os.path.exists(user_home) and os.stat(user_home).st_mtime_ns
+    try:
+        done = subprocess.run(["flwr", "run", os.path.join(REPO_ROOT, "system", "flower"), "local", "--stream",
+                               "--federation-config", f"num-supernodes={CLIENTS}", "--run-config", overrides],
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        started = stop_processes_mentioning(str(own_flower_home))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_same_curves(read_curves(tmp_path / "flower", "FedProto"), expected)
+    assert started, "flwr run's local SuperLink names its Flower home on its command line (how it is found)"
+    assert processes_mentioning(str(own_flower_home)) == []
+    assert (os.path.exists(user_home) and os.stat(user_home).st_mtime_ns) == user_home_before, "~/.flwr was written"
+    assert os.path.isdir(own_flower_home)

@@ -5,6 +5,7 @@ Tiny-ImageNet archive), one folder of images per class, or a ``.npz`` file with 
 (N,H,W) or (N,H,W,3) and ``y``. Images are converted to the dataset's channels and size.
 """
 import os
+import shutil
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -58,13 +59,13 @@ def load_source(spec: DatasetSpec, root: str | None, download: bool) -> Arrays:
         images, labels = spec.builtin(spec)
     elif os.path.isfile(root) and not download:
         images, labels = read_npz(root, spec)
+    elif download:
+        images, labels = _download_and_read(spec, root)
     else:
-        if download:
-            os.makedirs(root, exist_ok=True)
-        elif not os.path.isdir(root):
+        if not os.path.isdir(root):
             raise DatasetError(f"--root {root} does not exist; pass the folder or .npz file holding {spec.name}")
         found = spec.read_native(spec, root, download) if spec.read_native else None
-        if found is None and not download and _has_class_folders(root):
+        if found is None and _has_class_folders(root):
             found = read_image_folder(root, spec)
         if found is None:
             layouts = f"{spec.native_layout}, " if spec.native_layout else ""
@@ -73,6 +74,25 @@ def load_source(spec: DatasetSpec, root: str | None, download: bool) -> Arrays:
         images, labels = found
     labels = _checked_labels(labels, len(images), spec)
     return fit_images(images, spec), labels
+
+
+def _download_and_read(spec: DatasetSpec, root: str) -> Arrays:
+    """Downloads into ``root`` and reads it; a failed download removes the folders it created, so the next
+    attempt (or the suggested command) starts from where the user was, not from an empty ``rawdata/``."""
+    created = os.path.abspath(root)
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.exists(created) else created
+    os.makedirs(root, exist_ok=True)
+    try:
+        found = spec.read_native(spec, root, True) if spec.read_native else None
+        if found is None:
+            raise DatasetError(f"{spec.name} has no download; pass --root with a local copy")
+        return found
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def fit_images(images: np.ndarray, spec: DatasetSpec) -> np.ndarray:
@@ -335,3 +355,4 @@ FLOWERS102 = DatasetSpec("Flowers102", 102, (3, 64, 64), "torchvision's flowers-
 TINY_IMAGENET = DatasetSpec("TinyImagenet", 200, (3, 64, 64),
                             "tiny-imagenet-200/ (wnids.txt, train/, val/val_annotations.txt)", _read_tiny_imagenet)
 DIGITS = DatasetSpec("Digits", 10, (3, 32, 32), builtin=_load_sklearn_digits, class_names=DIGIT_NAMES)
+SPECS = {spec.name: spec for spec in (MNIST, FASHION_MNIST, CIFAR10, CIFAR100, FLOWERS102, TINY_IMAGENET, DIGITS)}

@@ -13,6 +13,7 @@ straight onto the receiver's device."""
 import dataclasses
 import io
 import multiprocessing
+import signal
 import traceback
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ def unpack(data, device):
 
 def serve(connection, setup):
     """A worker's life: build its clients, then answer commands until "close"."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker must not inherit main.py's resume-hint handler
     torch.set_num_threads(setup.threads)
     device = torch.device(setup.device)
     plan = dataclasses.replace(setup.plan, device=device)

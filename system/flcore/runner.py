@@ -30,6 +30,9 @@ from flcore.history import History
 from flcore.load_cache import LoadCache
 from flcore.servers.serverbase import RunContext
 
+# Why round 0's numbers are what they are: it evaluates before any training.
+ROUND_ZERO_NOTE = ("before any training: untrained models (methods that classify by prototypes have none yet, so "
+                   "their accuracy can be below chance)")
 # Settings that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
                "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
@@ -303,6 +306,10 @@ class Runner:
         clients = {i: (s[0] / s[1] if s[1] else float("nan"), s[2], s[3], s[4], s[1]) for i, s in stats.items()}
         self.history.record_eval(self.round, float(acc), auc, float(per_client_acc.std()),
                                  float(aucs[has_test].std()), train_loss, clients)
+        if self.round == 0:  # evaluated before any training: there is no train loss to show yet
+            tqdm.write(f"round    0 | test acc {acc:.4f} | test auc {auc:.4f} | acc std {per_client_acc.std():.4f}"
+                       f"{client_range_text(clients)} | {ROUND_ZERO_NOTE}")
+            return
         tqdm.write(f"round {self.round:4d} | test acc {acc:.4f} | test auc {auc:.4f} | "
                    f"acc std {per_client_acc.std():.4f} | train loss {train_loss:.4f}{client_range_text(clients)}")
 

@@ -89,8 +89,9 @@ class RunSettings(Settings):
     speed, client state, checkpoints and where things are read and written (the runner's and the harness's)."""
     title = "general"
     goal: str = option("test", "-go", "--goal", help="tag in the result file names (<dataset>_<algo>_<goal>_<run>)")
-    device: str = option("cuda", "-dev", "--device", choices=("cpu", "cuda"),
-                         help="falls back to cpu with a notice when CUDA is not available")
+    device: str = option("auto", "-dev", "--device", choices=("auto", "cpu", "cuda"),
+                         help="auto: cuda when available, else cpu; cuda falls back to cpu with a notice when CUDA is "
+                              "not available")
     device_id: str = option("0", "-did", "--device_id", help="CUDA device index")
     dataset: str = option("Digits", "-data", "--dataset",
                           help="folder name under --dataset_dir, made by a dataset/generate_*.py script")
@@ -98,7 +99,9 @@ class RunSettings(Settings):
     model_family: str = option("HtCPU4", "-m", "--model_family",
                                help="heterogeneous model family: client i gets family[i %% len(family)]")
     feature_dim: int = option(512, "-fd", "--feature_dim")
-    algorithm: str = option("FedKTL-stylegan-3", "-algo", "--algorithm")
+    algorithm: str = option("FedKTL-stylegan-3", "-algo", "--algorithm",
+                            help="the algorithm to run: FedKTL-stylegan-xl, FedKTL-stylegan-3, "
+                                 "FedKTL-stable-diffusion or a baseline (each has a group of its own flags below)")
     global_rounds: int = option(10, "-gr", "--global_rounds")
     num_clients: int = option(4, "-nc", "--num_clients")
     join_ratio: float = option(1.0, "-jr", "--join_ratio", help="fraction of clients that train in a round, in (0, 1]")
@@ -122,8 +125,11 @@ class RunSettings(Settings):
                                    help="folder of the disk store (default: client_state/ in -sfn, else in "
                                         "--results_dir)")
     num_threads: int = option(0, "--num_threads",
-                              help="CPU threads for torch (0: torch's default); with -pc N each worker gets 1/N of "
-                                   "them")
+                              help="CPU threads for torch (0: torch's default, one per core); with -pc N each worker "
+                                   "gets 1/N of them. main.py lets waiting threads sleep (OMP_WAIT_POLICY=PASSIVE "
+                                   "unless set), so a busy machine slows a run gracefully; on shared cores 1 is often "
+                                   "fastest. The count changes the order of float sums: results may differ in the "
+                                   "last bits")
     parallel_clients: int = option(1, "-pc", "--parallel_clients",
                                    help="clients that train at the same time, in this many worker processes (on CUDA "
                                         "one per GPU, round robin from -did); results are the same as one at a time "

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from flcore.errors import UserError
+from flcore.paths import REPO_ROOT
 from fldata.cli import run as run_generation
-from fldata.sources import DIGITS
+from fldata.sources import DIGITS, SPECS
 
 
 @dataclass
@@ -32,7 +33,15 @@ class FederatedDataset:
 
 
 def generate_command(name, num_clients):
-    return f"python dataset/generate_{name}.py --num-clients {num_clients}"
+    """How to (re)make dataset `name`: its generation script, or, for a dataset of the user's own (no script by
+    that name), the way it was made."""
+    script = f"generate_{name}.py"
+    if os.path.isfile(os.path.join(REPO_ROOT, "dataset", script)):
+        spec = SPECS.get(name)
+        download = " --download" if spec is not None and spec.builtin is None else ""  # else it has no images
+        return f"python dataset/{script} --num-clients {num_clients}{download}"
+    return (f"the tool that made it (there is no dataset/{script}; dataset/README.md shows how to make a dataset of "
+            f"your own)")
 
 
 def ensure_digits(folder, num_clients):
@@ -84,13 +93,22 @@ def load_federated_dataset(args, only=None):
     if not os.path.isfile(config_path):
         if args.dataset == "Digits":
             ensure_digits(folder, args.num_clients)
-        else:
+        elif args.dataset in SPECS:
             raise UserError(f"dataset '{args.dataset}' not found at {folder}; create it with: {regenerate}")
+        else:
+            raise UserError(f"dataset '{args.dataset}' not found at {folder}: check -data and --dataset_dir; the "
+                            f"scripts in dataset/ make {', '.join(sorted(SPECS))}, and dataset/README.md shows how "
+                            f"to make a dataset of your own")
     try:
         with open(config_path) as f:
             config = json.load(f)
     except (OSError, ValueError) as exc:
         raise UserError(f"unreadable {config_path} ({exc}); regenerate the dataset with: {regenerate}") from None
+    missing = [key for key in ("num_classes", "num_clients")
+               if not isinstance(config, dict) or not isinstance(config.get(key), int)]
+    if missing:
+        raise UserError(f"{config_path} has no integer {' and '.join(missing)} (not a generated dataset's config); "
+                        f"regenerate the dataset with: {regenerate}")
 
     if config.get("num_classes") != args.num_classes:
         raise UserError(f"-nb {args.num_classes} disagrees with {config_path} "

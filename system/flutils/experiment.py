@@ -2,13 +2,17 @@
 then the summary over runs. system/main.py is its command line."""
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 
 import torch
 
 from flcore.errors import UserError
 from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
+from flcore.paths import REPO_ROOT
 from flcore.runner import Runner, run_name
 from flcore.trainmodel import family_models
 from flutils.config_file import write_config
@@ -20,10 +24,11 @@ from flutils.visualize import save_image_grid
 
 
 def resolve_device(args):
+    """-dev auto (the default) takes CUDA when there is one, silently; -dev cuda without CUDA says it falls back."""
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(f"cuda:{args.device_id}")
     if args.device == "cuda":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{args.device_id}")
-        print("CUDA is not available here: running on the CPU (pass -dev cpu to silence this).")
+        print("CUDA is not available here: running on the CPU (pass -dev cpu or -dev auto to silence this).")
     return torch.device("cpu")
 
 
@@ -57,7 +62,8 @@ def image_saver(args, run, tracker):
         every = args.image_every
         if every and ((round_index + 1) % every == 0 or round_index + 1 == args.global_rounds):
             path = os.path.join(folder, f"round_{round_index:04d}.png")
-            save_image_grid(path, images, captions)
+            save_image_grid(path, images, captions,
+                            title=f"{args.algorithm}, run {run}: round {round_index} of {args.global_rounds}")
             tracker.image(round_index, path)
     return save
 
@@ -144,10 +150,42 @@ def summarize_runs(args, histories):
     return summary
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it stops as Ctrl-C does: engines closed, checkpoints kept."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def resume_hint(config, argv):
+    """What a stopped run prints: the exact command that continues it, when it has a checkpoint to continue from."""
+    args = config.run
+    checkpoints = [os.path.join(args.save_folder_name, run_name(args, run) + ".pt")
+                   for run in range(args.prev, args.times)] if args.save_folder_name else []
+    if not any(os.path.isfile(path) for path in checkpoints):
+        return "stopped before any checkpoint was written (-sfn DIR keeps one after every round, to resume from)"
+    script = os.path.relpath(os.path.join(REPO_ROOT, "system", "main.py"))
+    flags = list(argv) if config.run.resume else list(argv) + ["--resume"]
+    return f"stopped; continue from the last checkpoint with: python {shlex.join([script] + flags)}"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
+    config = None
     try:
-        run_experiment(parse_args(argv))
+        config = parse_args(argv)
+        run_experiment(config)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        if config is not None:
+            print(f"\n{resume_hint(config, argv)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -16,7 +16,7 @@ from flutils.config_file import check_keys_apply, read_config
 def import_plugins(argv):
     """Imports the modules named by --import (a user's algorithms, which register themselves) before the parser
     is built, so their flags are part of it."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineErrorParser(prog="main.py", add_help=False)
     pre.add_argument("--import", dest="plugins", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
     for module in known.plugins:
@@ -64,9 +64,17 @@ def add_flag(group, f, default):
                            help=help_text)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A usage error is one line (`main.py: error: ...`, exit 2), not the 50-line usage above it: argparse's
+    message names the flag and, for a flag with choices, the valid ones; -h lists the rest."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (main.py -h lists every flag)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
+    p = OneLineErrorParser(
+        prog="main.py", description="Heterogeneous federated learning: FedKTL and baselines, simulated in one process.")
     p.add_argument("--import", dest="plugins", action="append", default=[], metavar="MODULE",
                    help="import this module first (a user's algorithm that calls flcore.algorithms.register)")
     p.add_argument("--config", metavar="FILE.toml",

@@ -1,7 +1,9 @@
 """Markdown table of finished runs from their .h5 files: best accuracy (mean +- std over runs), upload and
-download floats per round (the paper's Table 5), and seconds per round.
+download floats per round (the paper's Table 5), seconds per round and the rounds the scores cover; --plot draws
+each algorithm's mean accuracy curve.
 
     python system/results_table.py --dataset Digits --goal small [--results_dir results] [--out table.md]
+        [--plot curves.png]
 
 Several goals (one configuration each) give one row per algorithm and goal; --rounds R scores each run by its
 best evaluation up to round R (a 60-round run also answers for 10 and 30 rounds).
@@ -82,12 +84,29 @@ def tail_accuracy(data, tail, rounds=None):
     return accuracy_up_to(data, rounds)[-tail:].mean()
 
 
+def rounds_scored(data, rounds=None):
+    """The last round a run's scores cover: its last evaluation, or its last one up to round `rounds`."""
+    evaluated = data["eval_rounds"]
+    if rounds is not None:
+        evaluated = evaluated[evaluated <= rounds]
+    return int(evaluated.max()) if len(evaluated) else 0
+
+
+def rounds_cell(data_list, rounds=None):
+    """The rounds column: one number when the runs agree, else each distinct one ("3 / 10")."""
+    return " / ".join(str(r) for r in sorted({rounds_scored(d, rounds) for d in data_list}))
+
+
+def algorithm_order(runs):
+    return [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
+
+
 def table(runs, rounds=None, metrics=(), tail=0):
-    order = [name for name in ALGORITHMS if name in runs] + sorted(set(runs) - set(ALGORITHMS))
+    order = algorithm_order(runs)
     tail_header = f" mean test accuracy, last {tail} evaluations (%) |" if tail else ""
     lines = ["| algorithm | best test accuracy (%) |" + tail_header + " runs | upload / round (M floats) | "
-             "download / round (M floats) | s / round |" + "".join(f" {metric_header(m)} |" for m in metrics),
-             "|---|---|---|---|---|---|" + "---|" * (len(metrics) + bool(tail))]
+             "download / round (M floats) | s / round | rounds |" + "".join(f" {metric_header(m)} |" for m in metrics),
+             "|---|---|---|---|---|---|---|" + "---|" * (len(metrics) + bool(tail))]
     for name in order:
         data = runs[name]
         best = np.array([best_accuracy(d, rounds) for d in data]) * 100
@@ -100,8 +119,41 @@ def table(runs, rounds=None, metrics=(), tail=0):
         seconds = np.mean([d["round_time"].mean() for d in data if len(d["round_time"])])
         extra = "".join(f" {np.mean([metric_value(d, m) for d in data]):.3f} |" for m in metrics)
         lines.append(f"| {name} | {best.mean():.2f} +- {best.std():.2f} |{tail_cell} {len(data)} | {upload:.4f} | "
-                     f"{download:.4f} | {seconds:.2f} |{extra}")
+                     f"{download:.4f} | {seconds:.2f} | {rounds_cell(data, rounds)} |{extra}")
     return "\n".join(lines)
+
+
+def mean_curve(data_list, rounds=None):
+    """(rounds, mean test accuracy in %) over the runs, on the evaluation rounds they share."""
+    curves = []
+    for data in data_list:
+        keep = data["eval_rounds"] <= (rounds if rounds is not None else np.inf)
+        curves.append((data["eval_rounds"][keep], data["rs_test_acc"][keep]))
+    length = min(len(x) for x, _ in curves)
+    return curves[0][0][:length], np.mean([y[:length] for _, y in curves], axis=0) * 100
+
+
+def plot_curves(path, runs, rounds=None, title=""):
+    """Each algorithm's mean test-accuracy curve over its runs, in one figure. Written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in algorithm_order(runs):
+        x, y = mean_curve(runs[name], rounds)
+        ax.plot(x, y, marker=".", label=f"{name} ({len(runs[name])} run{'s' if len(runs[name]) > 1 else ''})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%), mean over runs")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -117,9 +169,14 @@ def main(argv=None):
                    help="add a column: mean test accuracy over each run's last N evaluations (0: none)")
     p.add_argument("--results_dir", default=RESULTS_DIR)
     p.add_argument("--out", default="", help="also write the table to this file")
+    p.add_argument("--plot", default="", metavar="FILE.png",
+                   help="also draw each algorithm's mean test-accuracy curve (over its runs) into this image")
     args = p.parse_args(argv)
     if args.tail < 0:
         print(f"error: --tail must be >= 0, got {args.tail}", file=sys.stderr)
+        return 2
+    if args.plot and not args.plot.lower().endswith(".png"):
+        print(f"error: --plot {args.plot}: name a .png file", file=sys.stderr)
         return 2
     runs = {}
     for goal in args.goal:
@@ -136,4 +193,7 @@ def main(argv=None):
         with open(args.out + ".tmp", "w") as f:
             f.write(text + "\n")
         os.replace(args.out + ".tmp", args.out)
+    if args.plot:
+        plot_curves(args.plot, runs, args.rounds, f"{args.dataset}, goal {', '.join(args.goal)}")
+        print(f"curves: {args.plot}")
     return 0

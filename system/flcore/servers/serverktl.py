@@ -271,17 +271,27 @@ class ServerKTL(Server):
                               "centroid_shift": centroid_shift(previous, class_latents),
                               **image_metrics(self.pair_images[:self.num_classes]), **steps}
         m = self.round_metrics
-        tqdm.write(f"round {self.round}: alignment MMD {m['align_mmd']:.4f} | centroid MSE {m['align_centroid']:.4f}"
-                   f" | norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
-                   f"valid {m['valid_latent_norm']:.2f} | images: pairwise distance {m['image_distance']:.3f}, "
-                   f"std {m['image_std']:.3f} | client gradient norm {m['client_grad_norm']:.1f}, "
-                   f"{100 * m['clipped_fraction']:.0f} % of steps clipped, transfer MSE {m['transfer_loss']:.3f}"
-                   f" | centroid shift {m['centroid_shift']:.3f}")
+        parts = [f"alignment MMD {m['align_mmd']:.4f}", f"centroid MSE {m['align_centroid']:.4f}",
+                 f"norms: class means {m['class_mean_norm']:.2f}, sent {m['pair_latent_norm']:.2f}, "
+                 f"valid {m['valid_latent_norm']:.2f}",
+                 f"images: pairwise distance {m['image_distance']:.3f}, std {m['image_std']:.3f}"]
+        # Measurements of what has not happened yet (no transfer steps before the first pairs, no shift before a
+        # second round) are nan: left out of the line, still recorded.
+        if not math.isnan(m["client_grad_norm"]):
+            parts.append(f"client gradient norm {m['client_grad_norm']:.1f}, "
+                         f"{100 * m['clipped_fraction']:.0f} % of steps clipped")
+        if not math.isnan(m["transfer_loss"]):
+            parts.append(f"transfer MSE {m['transfer_loss']:.3f}")
+        if not math.isnan(m["centroid_shift"]):
+            parts.append(f"centroid shift {m['centroid_shift']:.3f}")
+        tqdm.write(f"round {self.round}: " + " | ".join(parts))
         if not math.isnan(m["grad_cosine"]):
             tqdm.write(f"round {self.round}: feature-extractor gradients: classification "
                        f"{m['classification_grad_norm']:.2f}, mu * transfer {m['transfer_grad_norm']:.2f}, "
                        f"cosine {m['grad_cosine']:.3f}")
-        self.round_images = (self.pair_images[:self.num_classes], [f"class {c}" for c in range(self.num_classes)])
+        names = self.context.class_names if len(self.context.class_names or ()) == self.num_classes else None
+        self.round_images = (self.pair_images[:self.num_classes],
+                             [names[c] if names else f"class {c}" for c in range(self.num_classes)])
         return {}
 
     @torch.no_grad()

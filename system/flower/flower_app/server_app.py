@@ -3,6 +3,7 @@ turns travel, as Flower messages to the nodes that serve their partitions. Resul
 writes them, so results_table.py reads both."""
 import sys
 import time
+from dataclasses import MISSING, fields
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -155,6 +156,18 @@ class FlowerClients:
         """The nodes outlive the run."""
 
 
+def differences_from_main(config):
+    """'name value (main.py: default)' for each setting of the run that main.py without flags would set otherwise:
+    the app's own defaults are sized for a quick check (2 rounds, a small feature dimension, CPU)."""
+    changed = []
+    for settings in (config.run, config.algo):
+        for f in fields(settings):
+            value = getattr(settings, f.name)
+            if f.default is not MISSING and value != f.default:
+                changed.append(f"{f.name} {value!r} (main.py: {f.default!r})")
+    return changed
+
+
 def run_on_flower(grid, run_config):
     config, settings = engine_settings(run_config)
     args = config.run
@@ -164,6 +177,10 @@ def run_on_flower(grid, run_config):
     dataset = load_federated_dataset(args, only=[])
     nodes = discover_nodes(grid, args.num_clients, settings["node-wait"])
     print(f"{args.algorithm} on Flower: {args.num_clients} nodes, {args.global_rounds} rounds")
+    changed = differences_from_main(config)
+    if changed:
+        print(f"settings unlike main.py's defaults (the app's run config in system/flower/pyproject.toml, or "
+              f"--run-config): {', '.join(changed)}")
     device = resolve_device(args)
     histories = []
     cache = LoadCache()
