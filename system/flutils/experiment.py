@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from flcore.errors import UserError
+from flcore.errors import UserError, out_of_memory
 from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
 from flcore.runner import Runner, run_name
@@ -73,14 +73,17 @@ def run_all(config):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        runner = Runner(config, dataset, run, device, cache, engine=client_pool(args),
-                        image_sink=image_saver(args, run))
         try:
-            if args.resume:
-                runner.resume()
-            histories.append(write_run(config, run, runner, runner.train()))
-        finally:
-            runner.close()
+            runner = Runner(config, dataset, run, device, cache, engine=client_pool(args),
+                            image_sink=image_saver(args, run))
+            try:
+                if args.resume:
+                    runner.resume()
+                histories.append(write_run(config, run, runner, runner.train()))
+            finally:
+                runner.close()
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc) from None
     return summarize_runs(args, histories)
 
 
