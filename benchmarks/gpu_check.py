@@ -122,6 +122,7 @@ def prepare(work, data, scale):
     """The federated dataset and the generator pickle in `work`; returns (dataset name, dataset dir, pickle,
     where the images came from)."""
     import torch
+
     from compact_stylegan import CompactGenerator
     from fldata.cli import GenerationOptions, generate
     from fldata.sources import CIFAR10, DIGITS
@@ -178,6 +179,7 @@ def measure(result_path, argv):
     writes its seconds per round and peak memory to `result_path`; returns main.py's exit status."""
     import numpy as np
     import torch
+
     from flcore.errors import UserError
     from flcore.runner import run_name
     from flutils import experiment
@@ -288,7 +290,9 @@ def markdown(report):
              f"cuDNN {env.get('cudnn')}; {report['started']}; {fmt(report.get('wall_s'), 0)} s in all"
              f"{'' if report.get('finished') else ' (unfinished)'}", ""]
     setup = report.get("setup", {})
-    if setup:
+    if "error" in setup:
+        lines += [f"setup failed: {setup['error']}", ""]
+    elif setup:
         lines += [f"{setup['clients']} clients of {setup['family']}, {setup['rounds']} rounds, data: {setup['data']}; "
                   f"generator: {setup['generator']}", ""]
     tests = report.get("pytest_cuda")
@@ -332,7 +336,14 @@ def check(out, data, scale, dry_run, names=None):
     remaining = lambda: scale.budget_s - (time.perf_counter() - started)  # noqa: E731
     work = tempfile.mkdtemp(prefix="gpu_check_")
     try:
-        dataset, dataset_dir, generator, source = prepare(work, data, scale)
+        try:
+            dataset, dataset_dir, generator, source = prepare(work, data, scale)
+        except Exception as exc:  # noqa: BLE001 - recorded: nothing can be measured without the data
+            report["setup"] = {"error": f"{type(exc).__name__}: {exc}"}
+            for record in report["configs"].values():
+                record.update(status="skipped", error="no dataset or generator (see setup)")
+            progress(f"setup failed: {report['setup']['error']}")
+            return report
         report["setup"] = {"data": source, "dataset": dataset, "clients": scale.clients, "family": scale.family,
                            "rounds": scale.rounds,
                            "generator": f"random-weight compact StyleGAN, StyleGAN-XL-shaped (1000 classes, "

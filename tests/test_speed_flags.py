@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flcore.client_store import OffloadStore
 import flcore.runner as runner
+from flcore.client_store import OffloadStore
 from flutils import experiment
 from flutils.results import read_h5
 
