@@ -18,9 +18,9 @@ repository: a folder holding one .npz with x uint8 (N,32,32,3) and y, or the .np
 `python dataset/generate_Cifar10.py --root <the .npz> --num-clients 20` makes it; the generator is the project's
 own compact StyleGAN with random weights in StyleGAN-XL's shape (1000 classes, w_dim 512, 64 px), written as a
 network pickle and loaded through -GPath like the real one. Both live in a temporary folder that is removed at the
-end. --dry-run does all of it on the CPU at tiny sizes (4 clients of the CPU family, 10 shots per class, a 32 px
-generator, 2 server epochs), with the same keys; without the CIFAR-10 subset it falls back to scikit-learn's
-digits. Seconds per round are those of the rounds after the first (the first holds warm-up and compilation: it is
+end. --dry-run does all of it on the CPU at tiny sizes (the 1,000-image CIFAR-10 fixture of ../shared/data/minis,
+4 clients of the CPU family, 10 shots per class, a 32 px generator, 2 server epochs), with the same keys; without
+the CIFAR-10 data it falls back to scikit-learn's digits. Seconds per round are those of the rounds after the first (the first holds warm-up and compilation: it is
 reported apart)."""
 import argparse
 import datetime
@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
+# The dry run's default: the 1,000-image CIFAR-10 fixture beside it (the 10,000 images cost the CPU minutes).
+DEFAULT_DRY_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "minis", "cifar10_mini_100perclass.npz")
 REPORT = "gpu_check.json"
 TABLE = "gpu_check.md"
 MEMORY_POLL_S = 0.1
@@ -384,9 +386,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out",
                         help="folder for gpu_check.json, gpu_check.md and logs/ (default: $OUT, else gpu_check_out)")
-    parser.add_argument("--data", default=DEFAULT_DATA,
+    parser.add_argument("--data",
                         help="the CIFAR-10 subset: a folder with one .npz (x uint8 N,32,32,3; y), or the .npz "
-                             "(default: ../shared/data/cifar10 beside the repository)")
+                             "(default: ../shared/data/cifar10 beside the repository; dry run: "
+                             "../shared/data/minis/cifar10_mini_100perclass.npz)")
     parser.add_argument("--dry-run", action="store_true", help="everything on the CPU at tiny sizes")
     parser.add_argument("--budget", type=int, help="seconds for the whole check (default: 450, dry run 270)")
     parser.add_argument("--rounds", type=int, help="training rounds per configuration (default: 2)")
@@ -405,7 +408,8 @@ def main(argv=None):
         print("error: no CUDA device here; run with --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    check(os.path.abspath(args.out), os.path.abspath(args.data), scale, args.dry_run, args.only)
+    data = args.data or (DEFAULT_DRY_DATA if args.dry_run else DEFAULT_DATA)
+    check(os.path.abspath(args.out), os.path.abspath(data), scale, args.dry_run, args.only)
     return 0
 
 
