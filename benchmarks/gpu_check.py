@@ -178,44 +178,58 @@ class DevicePeak:
 
 def measure(result_path, argv):
     """One configuration, in this process (the child the check starts): runs main.py's experiment for `argv` and
-    writes its seconds per round and peak memory to `result_path`; returns main.py's exit status."""
+    writes its seconds per round and peak memory to `result_path`, after every round (so a run stopped at its time
+    limit still tells how far it got) and at the end with `complete`; returns main.py's exit status."""
     import numpy as np
     import torch
 
     from flcore.errors import UserError
-    from flcore.runner import run_name
+    from flcore.history import History
     from flutils import experiment
     from flutils.options import parse_args
-    from flutils.results import read_h5
 
-    config = parse_args(argv)
-    settings = config.run
+    settings = parse_args(argv).run
     cuda = settings.device == "cuda" and torch.cuda.is_available()
     index = int(settings.device_id)
     sampler = DevicePeak(index) if cuda else None
     start = time.perf_counter()
+    rounds = []
+
+    def write(complete, history=None):
+        result = {
+            "complete": complete,
+            "run_s": time.perf_counter() - start,
+            "round_seconds": rounds,
+            "first_round_s": rounds[0] if rounds else None,
+            "seconds_per_round": float(np.mean(rounds[1:] or rounds)) if rounds else None,
+            "peak_allocated_mib": torch.cuda.max_memory_allocated(index) / 2**20 if cuda else None,
+            "peak_device_used_mib": sampler.peak / 2**20 if cuda else None,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "final_test_acc": float(history.values["rs_test_acc"][-1]) if history else None,
+        }
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(result_path + ".tmp", result_path)
+
+    record_round = History.record_round
+    histories = []
+
+    def recorded(history, seconds, *args, **kwargs):
+        record_round(history, seconds, *args, **kwargs)
+        rounds.append(float(seconds))
+        histories[:] = [history]
+        write(False)
+    History.record_round = recorded
     try:
-        experiment.run_experiment(config)
+        experiment.run_experiment(parse_args(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        device_peak = sampler.close() if sampler else None
-    curves = read_h5(os.path.join(settings.results_dir, run_name(settings, 0) + ".h5"))
-    rounds = [float(seconds) for seconds in curves["round_time"]]
-    result = {
-        "run_s": time.perf_counter() - start,
-        "round_seconds": rounds,
-        "first_round_s": rounds[0] if rounds else None,
-        "seconds_per_round": float(np.mean(rounds[1:])) if len(rounds) > 1 else (rounds[0] if rounds else None),
-        "peak_allocated_mib": torch.cuda.max_memory_allocated(index) / 2**20 if cuda else None,
-        "peak_device_used_mib": device_peak / 2**20 if cuda else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "final_test_acc": float(curves["rs_test_acc"][-1]),
-    }
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+        if sampler:
+            sampler.close()
+    write(True, histories[0] if histories else None)
     return 0
 
 
@@ -250,12 +264,14 @@ def run_config(name, argv, work, logs, limit):
     status, seconds = run_limited([sys.executable, os.path.abspath(__file__), "measure", result_path, "--", *argv],
                                   log_path, limit)
     record = {"argv": argv, "wall_s": round(seconds, 1), "limit_s": round(limit)}
+    if os.path.isfile(result_path):  # complete, or the rounds measured before a time limit or an error
+        with open(result_path) as f:
+            record.update(json.load(f))
     if status is None:
         return {**record, "status": "timeout", "error": f"did not finish in {limit:.0f} s"}
-    if status != 0 or not os.path.isfile(result_path):
+    if status != 0 or not record.get("complete"):
         return {**record, "status": "error", "error": last_error(log_path)}
-    with open(result_path) as f:
-        return {**record, "status": "ok", **json.load(f)}
+    return {**record, "status": "ok"}
 
 
 def run_pytest(work, logs, limit):
@@ -304,7 +320,7 @@ def markdown(report):
     lines += ["| configuration | status | s per round | first round s | peak allocated MiB | peak GPU in use MiB "
               "| flags |", "|---|---|---|---|---|---|---|"]
     for name, record in report["configs"].items():
-        status = record["status"] if record["status"] == "ok" else f"{record['status']}: {record.get('error', '')}"
+        status = f"{record['status']}: {record['error']}" if record.get("error") else record["status"]
         lines.append(f"| {name} | {status.replace('|', '/')} | {fmt(record.get('seconds_per_round'))} | "
                      f"{fmt(record.get('first_round_s'))} | {fmt(record.get('peak_allocated_mib'), 0)} | "
                      f"{fmt(record.get('peak_device_used_mib'), 0)} | {' '.join(record.get('flags', []))} |")

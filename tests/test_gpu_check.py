@@ -24,7 +24,7 @@ def test_the_dry_run_measures_records_and_keeps_to_its_budget(tmp_path):
     assert report["setup"]["dataset"] == "Digits" and report["setup"]["clients"] == 4
     assert list(report["configs"]) == ["local", "fedktl_compile"]  # in the check's order, not the command's
     local = report["configs"]["local"]
-    assert local["status"] == "ok", local
+    assert local["status"] == "ok" and local["complete"] is True, local
     assert len(local["round_seconds"]) == 2 and local["seconds_per_round"] == local["round_seconds"][1] > 0
     assert local["peak_allocated_mib"] is None and local["peak_rss_mib"] > 0  # no GPU here
     assert 0 <= local["final_test_acc"] <= 1 and "-algo" in local["argv"]
