@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flcore.errors import UserError
-from flcore.parallel import balanced_shares
+from flcore.parallel import balanced_shares, worker_gpu
 from flcore.runner import Runner
 from flutils import experiment
 from flutils.results import read_h5
@@ -104,6 +104,24 @@ def test_shares_balance_the_costs():
 def test_a_bad_worker_count_is_a_one_line_error(small_run, error_line):
     line = error_line(experiment.main, small_run("-pc", "0"))
     assert "-pc must be >= 1" in line
+
+
+def test_workers_share_gpus_in_blocks_of_workers_per_gpu():
+    # One worker per GPU: round robin from -did; N per GPU: N consecutive workers on each, then the next GPU.
+    assert [worker_gpu(k, 1, 1, 2) for k in range(4)] == [1, 0, 1, 0]
+    assert [worker_gpu(k, 0, 4, 1) for k in range(4)] == [0, 0, 0, 0]
+    assert [worker_gpu(k, 1, 2, 4) for k in range(6)] == [1, 1, 2, 2, 3, 3]
+    assert [worker_gpu(k, 0, 2, 2) for k in range(6)] == [0, 0, 1, 1, 0, 0]
+
+
+def test_workers_per_gpu_changes_nothing_on_the_cpu_and_must_be_positive(small_run, tmp_path, error_line):
+    assert "--workers_per_gpu must be >= 1" in error_line(experiment.main, small_run("--workers_per_gpu", "0"))
+    flags = ("-algo", "FedProto", "-gr", "1", "--shots", "20", "--num_threads", "1", "-pc", "2")
+    assert experiment.main(small_run(*flags, "-go", "one")) == 0
+    assert experiment.main(small_run(*flags, "-go", "two", "--workers_per_gpu", "2")) == 0
+    one, two = curves(tmp_path, "FedProto", "one"), curves(tmp_path, "FedProto", "two")
+    for key in CURVES:
+        assert np.array_equal(one[key], two[key], equal_nan=True), key
 
 
 def test_a_workers_error_is_one_line_and_ends_every_worker(small_run, monkeypatch, error_line):

@@ -1,10 +1,12 @@
 """The optional speed flags (README "Speed"): --amp bf16 runs on the CPU and stays within the stated tolerance of
 full precision; --amp fp16 on the CPU is a one-line error; --compile runs; --offload gives the same run bit for
-bit (alone and with -pc); the data lives where the client computes."""
+bit (alone and with -pc); the data lives where the client computes; running out of GPU memory is a one-line error
+that names the flags that make a run fit. tests/test_cuda.py checks them on a GPU."""
 import numpy as np
 import pytest
 import torch
 
+import flcore.runner as runner
 from flcore.client_store import OffloadStore
 from flutils import experiment
 from flutils.results import read_h5
@@ -82,3 +84,20 @@ def test_channels_last_survives_the_disk_store_and_stays_close(small_run, make_s
         weights = [p for p in client.model.parameters() if p.dim() == 4]
         assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     server.store.close()
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_out_of_memory_is_one_line_naming_the_fixes(small_run, monkeypatch, capsys, parallel):
+    """A client's turn that runs out of GPU memory (here: a patched turn; with -pc 2 in a forked worker, which
+    inherits the patch) stops the run with exit status 2 and one error line, no traceback."""
+    def out_of_memory(client, request, upload_phase="train"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity "
+                                     "of 139.81 GiB of which 1.00 MiB is free.")
+    monkeypatch.setattr(runner, "take_turn", out_of_memory)
+    capsys.readouterr()
+    assert experiment.main(small_run("-algo", "Local", "-gr", "1", "-pc", parallel, "--num_threads", "1")) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert "tried to allocate 20.00 mib" in errors[0]
+    assert all(fix in errors[0] for fix in ("--offload", "-gbs", "--client_state disk"))

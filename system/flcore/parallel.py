@@ -7,8 +7,8 @@ sequential run used (with --num_threads N x T, each worker gets T).
 
 Workers with one CPU thread are forked (instant: they inherit the loaded modules and data); others are spawned,
 since a forked child that runs OpenMP with more than one thread hangs on the parent's thread pool (seen here
-with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k) modulo the
-visible GPUs. Messages are torch.save'd bytes over a pipe (copies; no shared memory to outlive a worker), loaded
+with torch 2.14) and a CUDA context does not survive a fork. On CUDA worker k takes GPU (-did + k // N) modulo the
+visible GPUs, N = --workers_per_gpu (several small clients' workers can share one large GPU). Messages are torch.save'd bytes over a pipe (copies; no shared memory to outlive a worker), loaded
 straight onto the receiver's device."""
 import dataclasses
 import io
@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from flcore.client_store import DiskStore, merge_checkpoint_states, state_bytes
-from flcore.errors import UserError
+from flcore.errors import UserError, out_of_memory
 from flcore.runner import build_clients, run_client_turns, store_choice_line
 from flcore.trainmodel import family_models
 
@@ -60,6 +60,8 @@ def serve(connection, setup):
             connection.send_bytes(pack(("ok", work())))
         except UserError as exc:
             connection.send_bytes(pack(("user_error", str(exc))))
+        except torch.OutOfMemoryError as exc:
+            connection.send_bytes(pack(("user_error", str(out_of_memory(exc)))))
         except Exception:  # noqa: BLE001 - reported to the server, which stops the run with it
             connection.send_bytes(pack(("error", traceback.format_exc())))
 
@@ -113,6 +115,12 @@ def balanced_shares(costs, workers):
     return [sorted(share) for share in shares]
 
 
+def worker_gpu(worker, first, workers_per_gpu, gpus):
+    """The GPU index of worker `worker`: `workers_per_gpu` consecutive workers share a GPU, from GPU `first` on,
+    round robin over the `gpus` visible ones."""
+    return (first + worker // workers_per_gpu) % gpus
+
+
 class ClientPool:
     """The engine that runs a run's clients in `workers` processes (the Runner's engine, as LocalClients):
     start(plan), run_turns, state_dict, load_state_dict, checkpoint_written; close() ends the workers."""
@@ -123,6 +131,7 @@ class ClientPool:
         self.connections, self.processes, self.shares = [], [], []
         self.owner = {}
         self.device = torch.device("cpu")
+        self.workers_per_gpu = 1
 
     def client_costs(self, plan):
         """Each client's training cost, estimated as its model's forward FLOPs times its training samples:
@@ -144,6 +153,7 @@ class ClientPool:
         --client_state auto estimate says the run does not fit."""
         self.num_clients = plan.settings.num_clients
         self.device = plan.device
+        self.workers_per_gpu = plan.settings.workers_per_gpu
         self.shares = balanced_shares(self.client_costs(plan), self.workers)
         self.owner = {client_id: worker for worker, share in enumerate(self.shares) for client_id in share}
         forkable = self.threads == 1 and self.device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
@@ -173,7 +183,7 @@ class ClientPool:
         if self.device.type != "cuda":
             return self.device
         first = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        return torch.device("cuda", (first + worker) % torch.cuda.device_count())
+        return torch.device("cuda", worker_gpu(worker, first, self.workers_per_gpu, torch.cuda.device_count()))
 
     def send(self, worker, command, body=None):
         self.connections[worker].send_bytes(pack((command, body)))

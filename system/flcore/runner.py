@@ -35,8 +35,8 @@ ROUND_ZERO_NOTE = ("before any training: untrained models (methods that classify
                    "their accuracy can be below chance)")
 # Settings that may change between a run and its resumption without changing what the run computes.
 RESUME_FREE = {"resume", "times", "prev", "device", "device_id", "results_dir", "save_folder_name",
-               "image_every", "num_threads", "parallel_clients", "offload", "global_rounds", "auto_break",
-               "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir", "logger"}
+               "image_every", "num_threads", "parallel_clients", "workers_per_gpu", "offload", "global_rounds",
+               "auto_break", "top_cnt", "goal", "dataset_dir", "client_state", "client_state_dir", "logger"}
 
 # Simulated delays (seconds) of slow clients, as the reference sleeps: per batch when training, once when sending.
 SLOW_TRAIN_DELAY = 0.1

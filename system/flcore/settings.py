@@ -132,8 +132,12 @@ class RunSettings(Settings):
                                    "last bits")
     parallel_clients: int = option(1, "-pc", "--parallel_clients",
                                    help="clients that train at the same time, in this many worker processes (on CUDA "
-                                        "one per GPU, round robin from -did); results are the same as one at a time "
+                                        "--workers_per_gpu per GPU, round robin from -did); results are the same as one at a time "
                                         "(1)")
+    workers_per_gpu: int = option(1, "--workers_per_gpu",
+                                  help="with -pc on CUDA: this many workers share each GPU (worker k takes GPU -did + "
+                                       "k // N), so small client models fill a large GPU; without CUDA it changes "
+                                       "nothing; same results")
     amp: str = option("off", "--amp", choices=("off", "bf16", "fp16"),
                       help="mixed precision of the clients' training steps: autocast to bf16 (CPU or CUDA) or fp16 "
                            "(CUDA, with a grad scaler); changes results within the tolerance README states")
@@ -196,6 +200,7 @@ class RunSettings(Settings):
             (self.shots >= 0, f"--shots must be >= 0, got {self.shots}"),
             (self.num_threads >= 0, f"--num_threads must be >= 0, got {self.num_threads}"),
             (self.parallel_clients >= 1, f"-pc must be >= 1 (1: one client at a time), got {self.parallel_clients}"),
+            (self.workers_per_gpu >= 1, f"--workers_per_gpu must be >= 1, got {self.workers_per_gpu}"),
             (self.top_cnt >= 1, f"-tc must be >= 1, got {self.top_cnt}"),
             (self.image_every >= 0, f"--image_every must be >= 0, got {self.image_every}"),
             (not self.resume or self.save_folder_name, "--resume needs -sfn DIR, the folder holding the checkpoints"),

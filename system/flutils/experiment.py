@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from flcore.errors import UserError
+from flcore.errors import UserError, out_of_memory
 from flcore.load_cache import LoadCache
 from flcore.parallel import ClientPool
 from flcore.paths import REPO_ROOT
@@ -97,18 +97,21 @@ def run_all(config):
     histories = []
     cache = LoadCache()
     for run in range(args.prev, args.times):
-        runner, tracker = start_run(config, run, dataset, device, cache, client_pool(args))
         try:
-            if args.resume:
-                runner.resume()
-            if run == args.prev:
-                save_config(config)
-            histories.append(write_run(config, run, runner, runner.train()))
-        finally:
+            runner, tracker = start_run(config, run, dataset, device, cache, client_pool(args))
             try:
-                runner.close()
+                if args.resume:
+                    runner.resume()
+                if run == args.prev:
+                    save_config(config)
+                histories.append(write_run(config, run, runner, runner.train()))
             finally:
-                tracker.close()
+                try:
+                    runner.close()
+                finally:
+                    tracker.close()
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(exc) from None
     return summarize_runs(args, histories)
 
 
