@@ -24,7 +24,7 @@ python main.py $COMMON -m HtM10 -algo FedKTL-stylegan-3 $KTL -slr 0.01 -lam 0.1 
 python main.py $COMMON -m HtM10 -algo FedKTL-stable-diffusion $KTL -slr 0.1 -lam 0.01 -mu 100 \
     -GPath ../stable-diffusion/v1.5 -prompt "a cat"
 
-# The other generator-based systems (README "Baselines"), on the same partitions. Both average one architecture:
+# The other generator-based systems (README "Algorithms"), on the same partitions. Both average one architecture:
 # ResNet-18 (FedFTG's paper; HtFE8's fourth model). FedFTG with its paper's settings (I 10, I_g 1, I_d 5, noise 256
 # for 100 classes, generator Adam lr 0.01, global lr = -lr). FGL with Stable Diffusion v1.5 (the paper used v2.1-base),
 # class-level prompts, 2,000 images per class rendered at 256x256, 120 server epochs, then FedAvg; the paper's
@@ -32,7 +32,7 @@ python main.py $COMMON -m HtM10 -algo FedKTL-stable-diffusion $KTL -slr 0.1 -lam
 python main.py $COMMON -m resnet18 -algo FedFTG
 python main.py $COMMON -m resnet18 -algo FGL -GPath ../stable-diffusion/v1.5 --sd_resolution 256 -gbs 16
 
-# Baselines (Table 1), with their defaults (README "Baselines").
+# Baselines (Table 1), with their defaults (README "Algorithms").
 for algo in Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP; do
     python main.py $COMMON -m HtFE8 -algo $algo
 done
