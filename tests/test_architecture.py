@@ -1,6 +1,6 @@
-"""The house's contracts: the recipes of docs/architecture.md for a new algorithm and a new generator work as written, every
-generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its own server,
-the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
+"""The house's contracts: the recipes of docs/architecture.md for a new algorithm and a new generator work as
+written, every generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its
+own server, the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
 import os
 import re
 import subprocess
