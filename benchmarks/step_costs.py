@@ -1,5 +1,6 @@
-"""Milliseconds per training step and per 1,000 evaluated samples for each model of a family, under the speed
-options of the issue-13 list, measured in this process on random data of the dataset's shape.
+"""Milliseconds per training step and per 1,000 evaluated samples for each model of a family, under the optional
+speed flags (--channels_last, --amp, --compile) and evaluation variants, measured in this process on random data
+of the dataset's shape.
 
     python benchmarks/step_costs.py [--family HtFE2] [--image 3 32 32] [--batch 10] [--steps 20] [--device cpu]
         [--threads 1] [--compile]

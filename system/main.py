@@ -2,7 +2,7 @@
 
 With no flags it runs a small FedKTL experiment offline: Digits (built on the fly from scikit-learn's copy),
 4 clients of the CPU-sized heterogeneous family, and the pre-trained face DCGAN. `python main.py -h` lists every
-flag, grouped by algorithm. The code lives in the installed packages (README "Architecture").
+flag, grouped by algorithm. The code lives in the installed packages (docs/architecture.md).
 """
 import os
 import sys

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The README's evidence for FedKTL at CPU scale: does the knowledge transfer help its clients?
+# The evidence of docs/results.md for FedKTL at CPU scale: does the knowledge transfer help its clients?
 # Digits (10 clients) and the CIFAR-10 subset of ../shared/data (20 clients), Dirichlet(0.1), HtCPU4, seed 1,
 # 3 runs of 30 rounds (60 for the ETF/margin study), one CPU thread per run; then the markdown tables.
 # Usage: sh system/run_evidence.sh [digits|cifar|etf|transfer]...   (default: all four; transfer needs digits and

@@ -18,11 +18,11 @@ done
 python main.py --config configs/fedktl_stylegan_3.toml
 python main.py --config configs/fedktl_stable_diffusion.toml
 
-# The other generator-based systems (README "Baselines"), averaging ResNet-18.
+# The other generator-based systems (README "Algorithms"), averaging ResNet-18.
 python main.py --config configs/fedftg.toml
 python main.py --config configs/fgl.toml
 
-# Baselines (Table 1), with their defaults (README "Baselines").
+# Baselines (Table 1), with their defaults (README "Algorithms").
 for algo in Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP; do
     python main.py --config configs/baselines.toml -algo $algo
 done

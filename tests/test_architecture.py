@@ -1,6 +1,6 @@
-"""The house's contracts: the README's recipes for a new algorithm and a new generator work as written, every
-generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its own server,
-the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
+"""The house's contracts: the recipes of docs/architecture.md for a new algorithm and a new generator work as
+written, every generator adapter satisfies the GeneratorAdapter Protocol, each algorithm's flags are declared by its
+own server, the shared helpers (per-class means, LoadCache) behave, and imports need no sys.path edits."""
 import os
 import re
 import subprocess
@@ -25,12 +25,12 @@ from flutils import experiment
 from flutils.options import build_parser, parse_args, settings_classes
 from flutils.results import read_h5
 
-README = os.path.join(REPO_ROOT, "README.md")
+ARCHITECTURE = os.path.join(REPO_ROOT, "docs", "architecture.md")
 
 
-def readme_python_block(after_heading):
-    """The first ```python block of the README that follows the bold paragraph heading `after_heading`."""
-    with open(README) as f:
+def recipe_python_block(after_heading):
+    """The first ```python block of docs/architecture.md that follows the bold paragraph heading `after_heading`."""
+    with open(ARCHITECTURE) as f:
         text = f.read()
     start = text.index(after_heading)
     match = re.search(r"```python\n(.*?)```", text[start:], re.S)
@@ -43,10 +43,10 @@ def registry(monkeypatch):
     monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
 
 
-def test_readme_new_algorithm_recipe_runs_resumes_and_lists_its_flag(registry, small_run, tmp_path, capsys,
+def test_new_algorithm_recipe_runs_resumes_and_lists_its_flag(registry, small_run, tmp_path, capsys,
                                                                        one_torch_thread):
-    namespace = {"__name__": "readme_servermine"}
-    exec(compile(readme_python_block("**Adding an algorithm.**"), "README-algorithm", "exec"), namespace)
+    namespace = {"__name__": "recipe_servermine"}
+    exec(compile(recipe_python_block("**Adding an algorithm.**"), "architecture-algorithm", "exec"), namespace)
     assert algorithms.server_class("Mine") is namespace["ServerMine"]
 
     help_text = build_parser().format_help()
@@ -81,10 +81,10 @@ class TinyGAN(nn.Module):
         return self.net(z).view(-1, 3, 16, 16)
 
 
-def test_readme_new_generator_recipe_runs(monkeypatch, small_run, capsys, one_torch_thread):
+def test_new_generator_recipe_runs(monkeypatch, small_run, capsys, one_torch_thread):
     monkeypatch.setattr(generator_registry, "GENERATORS", dict(generator_registry.GENERATORS))
     namespace = {"load_my_gan": lambda path: TinyGAN()}
-    exec(compile(readme_python_block("**Adding a generator.**"), "README-generator", "exec"), namespace)
+    exec(compile(recipe_python_block("**Adding a generator.**"), "architecture-generator", "exec"), namespace)
     adapter = namespace["MyGANLatents"](TinyGAN(), torch.device("cpu"))
     assert isinstance(adapter, GeneratorAdapter)
 

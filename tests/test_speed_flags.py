@@ -1,4 +1,4 @@
-"""The optional speed flags (README "Speed"): --amp bf16 runs on the CPU and stays within the stated tolerance of
+"""The optional speed flags (docs/speed.md): --amp bf16 runs on the CPU and stays within the stated tolerance of
 full precision; --amp fp16 on the CPU is a one-line error; --compile runs; --offload gives the same run bit for
 bit (alone and with -pc); the data lives where the client computes; running out of GPU memory is a one-line error
 that names the flags that make a run fit. tests/test_cuda.py checks them on a GPU."""
@@ -15,7 +15,7 @@ KTL = ["-algo", "FedKTL-stylegan-3", "-se", "3", "-sbs", "8", "--image_every", "
        "--num_threads", "1"]
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "upload_floats", "download_floats")
 # bf16 keeps 8 bits of mantissa: after two rounds of these tiny models the test accuracy stays within 5 points and
-# the mean training loss within 5 % of full precision (measured: README "Speed").
+# the mean training loss within 5 % of full precision (tested here; docs/speed.md).
 AMP_ACCURACY_POINTS = 0.05
 AMP_LOSS_SHARE = 0.05
 

@@ -19,8 +19,8 @@ def derive_seed(*keys):
 class Payload:
     """What travels one way between server and client.
 
-    tensors: named tensors; the floating-point ones are what the README's per-round float counts count (integer
-        and bool tensors are class ids and masks: indexing, not knowledge).
+    tensors: named tensors; the floating-point ones are what the per-round upload and download floats count
+        (integer and bool tensors are class ids and masks: indexing, not knowledge).
     config: settings and small values (numbers, strings, booleans), not counted.
     metrics: measurements a client reports for the server's round metrics (numbers or lists of numbers), not
         counted."""

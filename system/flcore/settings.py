@@ -140,13 +140,13 @@ class RunSettings(Settings):
                                        "nothing; same results")
     amp: str = option("off", "--amp", choices=("off", "bf16", "fp16"),
                       help="mixed precision of the clients' training steps: autocast to bf16 (CPU or CUDA) or fp16 "
-                           "(CUDA, with a grad scaler); changes results within the tolerance README states")
+                           "(CUDA, with a grad scaler); changes results within the tolerance docs/speed.md states")
     compile: bool = option(False, "--compile",
                            help="torch.compile each client's model (compile time lands in its first turns); results "
                                 "may differ in the last bits")
     channels_last: bool = option(False, "--channels_last",
                                  help="client models in the channels-last memory layout: faster convolutions for some "
-                                      "models and slower for others (README \"Speed\"); results differ in the last "
+                                      "models and slower for others (docs/speed.md); results differ in the last "
                                       "bits")
     offload: bool = option(False, "--offload",
                            help="client models and optimizer state wait in CPU memory between turns and move to the "

@@ -1,6 +1,6 @@
 """A local Flower deployment: one SuperLink and N SuperNodes as separate processes on 127.0.0.1, one run of the
 app in system/flower submitted with `flwr run`, then every process shut down. Insecure (no TLS, no node
-authentication): a demonstration on one machine only; the README's "Flower" section says how to deploy for real.
+authentication): a demonstration on one machine only; docs/flower.md says how to deploy for real.
 
     python system/flower/deploy_local.py [--nodes 3] [--rounds 2] [--algorithm FedKTL-stylegan-3] [--out DIR]
                                          [--kill-node-at-round R [--restart-node]]

@@ -17,7 +17,7 @@ SCALE = 64.0
 
 @dataclass(frozen=True)
 class TransferSettings:
-    """A FedKTL client's settings beyond local training that never change (README "Flags": FedKTL groups); mu and
+    """A FedKTL client's settings beyond local training that never change (main.py -h: the FedKTL groups); mu and
     the margin come with each round's payload."""
     feature_dim: int
     latent_dim: int

@@ -43,7 +43,7 @@ class FedKTLSettings(StableDiffusionSettings):
     a subclass per -algo name redeclares those three)."""
     title = "FedKTL (every generator)"
     description = ("-lam, -mu, -slr default to the paper's values for the -algo's generator; -se: alignment epochs; "
-                   "the ablations' defaults are the paper's (see the README's ablations)")
+                   "the ablations' defaults are the paper's (see docs/results.md: FedKTL ablations)")
     # -gen auto: with -GPath, the first of these that recognizes the file (else the last); without, auto_without_path.
     auto_generators = ("dcgan", "stylegan-3")
     auto_without_path = "face-dcgan"
