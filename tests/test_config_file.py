@@ -107,7 +107,7 @@ def test_the_paper_files_keep_run_me_settings():
     ("local_learning_rate = true\n", ["key 'local_learning_rate'", "must be a number"]),
     ("auto_break = 1\n", ["key 'auto_break'", "must be a boolean"]),
     ("device_id = 0\n", ["key 'device_id'", "must be a string"]),
-    ('device = "gpu"\n', ["key 'device'", "must be one of cpu, cuda"]),
+    ('device = "gpu"\n', ["key 'device'", "must be one of auto, cpu, cuda"]),
     ("mu = 10.0\n", ["key 'mu'", "not a setting of Local", "FedKTL-stylegan-xl"]),
     ("global_rounds = \n", ["not a readable TOML file"]),
 ])

@@ -94,7 +94,7 @@ def test_images_look_like_a_trained_generator_not_an_untrained_one(face_generato
 
 @needs_weights
 def test_class_means_render_average_faces_and_rescaling_restores_distinct_ones(face_generator):
-    """Issue 14: a mean of Gaussian latents has a small norm and renders the generator's blurred average."""
+    """A mean of Gaussian latents has a small norm and renders the generator's blurred average."""
     z = latents(48, seed=3)
     means = z.view(12, 4, 100).mean(1)
     adapter = GaussianLatents(face_generator, "cpu", rescale=True)
