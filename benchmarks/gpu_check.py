@@ -261,8 +261,11 @@ def run_config(name, argv, work, logs, limit):
     """One configuration in a child process; its record for the report."""
     result_path = os.path.join(work, f"{name}.json")
     log_path = os.path.join(logs, f"{name}.log")
+    # A compile cache of its own: a compilation killed at its limit can leave truncated files that would break the
+    # next configuration (or the user's later runs) reading a shared cache.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor", name)}
     status, seconds = run_limited([sys.executable, os.path.abspath(__file__), "measure", result_path, "--", *argv],
-                                  log_path, limit)
+                                  log_path, limit, env=env)
     record = {"argv": argv, "wall_s": round(seconds, 1), "limit_s": round(limit)}
     if os.path.isfile(result_path):  # complete, or the rounds measured before a time limit or an error
         with open(result_path) as f:

@@ -123,11 +123,11 @@ def test_a_failed_download_leaves_no_rawdata_behind(tmp_path, capsys, out_exists
 
 
 def fake_run(path, rounds, accuracy):
-    history = History()
+    history = History(1)
     for r in range(rounds + 1):
         history.record_eval(r, accuracy * r / rounds, 0.5, 0.0, 0.0, float("nan") if r == 0 else 1.0)
         if r < rounds:
-            history.record_round(1.0, {}, 10.0, 20.0, {})
+            history.record_round(r, 1.0, {}, 10.0, 20.0, {})
     write_h5(history, str(path), {"args": "{}", "run": 0, "seed": 0})
 
 

@@ -89,7 +89,7 @@ def test_points_split_the_cores_and_take_the_product_in_order(digits_root, tmp_p
     ("sed=0,1", "unknown key 'sed' in --grid sed=0,1; did you mean --seed?"),
     ("seed=0,one", "key 'seed' in --grid seed=0,one must be an integer, got 'one'"),
     ("auto_break=0,maybe", "key 'auto_break' in --grid auto_break=0,maybe must be a boolean"),
-    ("device=cpu,gpu", "must be one of cpu, cuda, got 'gpu'"),
+    ("device=cpu,gpu", "must be one of auto, cpu, cuda, got 'gpu'"),
     ("mu=0,10", "key 'mu' in --grid is not a setting of Local"),
     ("seed", "write KEY=V1,V2,..."),
     ("results_dir=a,b", "the sweep sets it"),

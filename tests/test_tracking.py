@@ -172,6 +172,7 @@ def test_a_wandb_run_that_cannot_start_is_one_line(small_run, capsys, monkeypatc
 
 def test_evaluation_line_names_the_worst_and_best_client(make_server, capsys):
     server = make_server("Local")
+    server.round = 1  # round 0's line says why it is what it is instead (test_newcomer)
     # (correct, samples, AUC, test loss, train loss) by client; client 2 has no test data, client 3's turn failed.
     server.evaluate({0: (3, 10, 0.7, 1.5, 2.0), 1: (18, 20, 0.9, 0.5, 1.0), 2: (0, 0, math.nan, math.nan, 3.0)})
     out = capsys.readouterr().out
