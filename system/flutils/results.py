@@ -5,6 +5,8 @@ import os
 import h5py
 import numpy as np
 
+from flutils.visualize import save_figure
+
 
 def experiment_name(args):
     return f"{args.dataset}_{args.algorithm}_{args.goal}"
@@ -85,7 +87,4 @@ def plot_accuracy(path, histories, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)

@@ -19,6 +19,7 @@ import numpy as np
 from flcore.algorithms import ALGORITHMS
 from flcore.paths import RESULTS_DIR
 from flutils.results import read_h5
+from flutils.visualize import save_figure
 
 
 def collect(results_dir, dataset, goal):
@@ -149,11 +150,7 @@ def plot_curves(path, runs, rounds=None, title=""):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv=None):

@@ -3,6 +3,17 @@ import math
 import os
 
 
+def save_figure(fig, path, dpi):
+    """Writes a matplotlib figure atomically (a reader never sees a half-written .png) and closes it."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def save_image_grid(path, images, captions, title=""):
     """images: [N, C, H, W] normalized to [-1, 1]; one captioned cell each, under `title`. Written atomically."""
     import matplotlib
@@ -23,8 +34,4 @@ def save_image_grid(path, images, captions, title=""):
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=80)
