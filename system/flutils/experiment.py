@@ -100,11 +100,7 @@ def run_all(config):
         try:
             runner, tracker = start_run(config, run, dataset, device, cache, client_pool(args))
             try:
-                if args.resume:
-                    runner.resume()
-                if run == args.prev:
-                    save_config(config)
-                histories.append(write_run(config, run, runner, runner.train()))
+                histories.append(train_and_write(config, run, runner))
             finally:
                 try:
                     runner.close()
@@ -130,6 +126,16 @@ def client_pool(args):
     if workers == 1:
         return None
     return ClientPool(workers, threads=max(1, torch.get_num_threads() // workers))
+
+
+def train_and_write(config, run, runner):
+    """One started run (any engine): resumed when asked, the configuration saved with the first run, trained, and
+    its results written; returns its history."""
+    if config.run.resume:
+        runner.resume()
+    if run == config.run.prev:
+        save_config(config)
+    return write_run(config, run, runner, runner.train())
 
 
 def write_run(config, run, runner, history):

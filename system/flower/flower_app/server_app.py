@@ -14,7 +14,7 @@ from flcore.errors import UserError
 from flcore.load_cache import LoadCache
 from flower_app.records import engine_settings, read_reply, request_content
 from flutils.data import load_federated_dataset
-from flutils.experiment import resolve_device, save_config, start_run, summarize_runs, write_run
+from flutils.experiment import resolve_device, start_run, summarize_runs, train_and_write
 from flutils.tracking import check_logger
 
 app = ServerApp()
@@ -188,11 +188,7 @@ def run_on_flower(grid, run_config):
         clients = FlowerClients(grid, nodes, run, settings["turn-timeout"], settings["rejoin-wait"])
         runner, tracker = start_run(config, run, dataset, device, cache, clients)
         try:
-            if args.resume:
-                runner.resume()
-            if run == args.prev:
-                save_config(config)
-            histories.append(write_run(config, run, runner, runner.train()))
+            histories.append(train_and_write(config, run, runner))
         finally:
             tracker.close()
     return summarize_runs(args, histories)
