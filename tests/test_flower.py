@@ -107,7 +107,8 @@ def assert_same_curves(actual, expected):
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
 
-@pytest.mark.parametrize("algorithm", ["FedKTL-stylegan-3", "FedProto", "FedKD"])
+@pytest.mark.parametrize("algorithm", ["FedKTL-stylegan-3", "FedProto", "FedKD", "FedL2G-feat",
+                                       "FedL2G-logit"])
 def test_flower_turns_give_the_in_process_results_bit_for_bit(digits_root, small_argv, tmp_path, algorithm,
                                                               one_torch_thread):
     expected = in_process(small_argv, tmp_path / "main", algorithm)

@@ -12,6 +12,7 @@ from flcore.servers.serverkd import ServerFedKD
 from flcore.servers.serverktl_stable_diffusion import ServerKTLStableDiffusion
 from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
 from flcore.servers.serverktl_stylegan_xl import ServerKTLStyleGANXL
+from flcore.servers.serverl2g import ServerFedL2GFeat, ServerFedL2GLogit
 from flcore.servers.serverlg import ServerLG
 from flcore.servers.serverlocal import ServerLocal
 from flcore.servers.serverproto import ServerFedProto
@@ -34,6 +35,8 @@ ALGORITHMS = {
     "FedTGP": ServerFedTGP,
     "FedFTG": ServerFedFTG,
     "FGL": ServerFGL,
+    "FedL2G-feat": ServerFedL2GFeat,
+    "FedL2G-logit": ServerFedL2GLogit,
 }
 
 
