@@ -4,6 +4,7 @@ one model (shared_model); and FedProto/FedTGP's --proto_eval."""
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,12 +13,13 @@ from flcore.algorithms import ALGORITHMS, server_classes
 from flcore.clients.clientbase import EVAL_BATCH
 from flcore.clients.clientproto import nearest_prototype_scores
 from flcore.errors import UserError
-from flcore.trainmodel import FAMILIES, HTC4, BaseHeadSplit, split_model_name, with_heads
+from flcore.trainmodel import FAMILIES, HTC4, BaseHeadSplit, split_model_name
 from flutils import experiment
 from flutils.options import parse_args
+from flutils.results import read_h5
 
 # The CPU family with HtFLlib's four heads: client i gets HtCPU4[i % 4] with HTC4[i % 4], so the 4 test clients
-# hold 4 different bases and 4 different heads (registered per test by `headed_family`).
+# hold 4 different bases and 4 different heads.
 HEADED = "HtCPU4-HtC4"
 KTL_FLAGS = ["-se", "2", "-sbs", "8", "--image_every", "0"]
 SMALL_FLAGS = {
@@ -37,14 +39,9 @@ def head_linears(model):
     return [(m.in_features, m.out_features) for m in model.head.modules() if isinstance(m, nn.Linear)]
 
 
-@pytest.fixture
-def headed_family(monkeypatch):
-    monkeypatch.setitem(FAMILIES, HEADED, with_heads(FAMILIES["HtCPU4"], HTC4))
-
-
 @pytest.mark.parametrize("server_cls", server_classes(), ids=one_name)
 def test_every_algorithm_takes_heterogeneous_heads_or_refuses_them_at_parse_time(
-        server_cls, headed_family, small_run, server_from_argv, error_line, request, tmp_path):
+        server_cls, small_run, server_from_argv, error_line, request, tmp_path):
     algorithm = one_name(server_cls)
     flags = SMALL_FLAGS.get(algorithm, [])
     if algorithm in ("FedKTL-stable-diffusion", "FGL"):
@@ -114,7 +111,7 @@ def nearest_by_formula(client, x):
 
 
 @pytest.mark.parametrize("algorithm", ["FedProto", "FedTGP"])
-def test_proto_eval_nearest_is_the_default_and_head_scores_are_the_model(headed_family, small_run, server_from_argv,
+def test_proto_eval_nearest_is_the_default_and_head_scores_are_the_model(small_run, server_from_argv,
                                                                         round_timer, algorithm):
     flags = ["-algo", algorithm, "-m", HEADED, "--shots", "10", *SMALL_FLAGS.get(algorithm, [])]
     assert parse_args(small_run(*flags)).algo.proto_eval == "nearest"
@@ -136,10 +133,23 @@ def test_proto_eval_nearest_is_the_default_and_head_scores_are_the_model(headed_
 
 
 @pytest.mark.parametrize("proto_eval", ["nearest", "head"])
-def test_a_fedproto_run_reports_the_accuracy_of_its_evaluation_mode(headed_family, small_run, server_from_argv,
+def test_a_fedproto_run_reports_the_accuracy_of_its_evaluation_mode(small_run, server_from_argv,
                                                                     proto_eval):
     runner = server_from_argv(small_run("-algo", "FedProto", "-m", HEADED, "-gr", "1", "--shots", "10",
                                         "--proto_eval", proto_eval))
     history = runner.train()
     by = nearest_by_formula if proto_eval == "nearest" else (lambda client, x: client.model(x))
     assert history.values["rs_test_acc"][-1] == evaluated_accuracy(runner.clients, by)
+
+
+def test_workers_and_the_disk_store_rebuild_heterogeneous_heads_bit_for_bit(small_run, tmp_path):
+    """-pc workers and the disk store rebuild each client's model from its name (base+head)."""
+    def curves(goal, *extra):
+        assert experiment.main(small_run("-algo", "FedProto", "-m", HEADED, "-gr", "2", "--shots", "10",
+                                         "--proto_eval", "head", "-go", goal, *extra)) == 0
+        return read_h5(str(tmp_path / "results" / f"Digits_FedProto_{goal}_0.h5"))
+
+    sequential = curves("seq")
+    parallel = curves("pc", "-pc", "2", "--client_state", "disk")
+    for key in ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_client_acc", "upload_floats"):
+        assert np.array_equal(parallel[key], sequential[key], equal_nan=True), key

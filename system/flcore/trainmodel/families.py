@@ -3,6 +3,7 @@ import math
 
 from .registry import BaseHeadSplit, build_model, list_models, model_name, split_model_name
 
+_HTCPU4 = ["tiny_cnn", "tiny_resnet", "tiny_mobilenet", "tiny_mixer"]
 _HTFE8 = ["cnn4", "googlenet", "mobilenet_v2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 # HtFLlib's heterogeneous heads (HtC-img-4): hidden widths [512], [512, 512], [512, 256], [512, 128], whose first
 # width is the feature dimension; docs list where they differ from these.
@@ -27,7 +28,9 @@ FAMILIES: dict[str, list[str]] = {
     "HtM10": _HTFE8 + ["vit_b_16", "vit_b_32"],
     "HtFE8-HtC4": with_heads(_HTFE8, HTC4),
     "Res34-HtC4": with_heads(["resnet34"], HTC4),
-    "HtCPU4": ["tiny_cnn", "tiny_resnet", "tiny_mobilenet", "tiny_mixer"],  # not in the paper: CPU demos
+    # Not in the paper or HtFLlib: CPU demos, of heterogeneous extractors, and of heterogeneous heads too.
+    "HtCPU4": _HTCPU4,
+    "HtCPU4-HtC4": with_heads(_HTCPU4, HTC4),
 }
 
 # HtFLlib's names of the image families (its system/main.py -mf values).
