@@ -79,7 +79,6 @@ class ServerFGL(Server):
     shared_model = True
     phases = ("eval", "train", "synthesize", "server_train")
 
-
     def prepare(self):
         settings = self.settings
         channels, height, _ = self.context.image_shape

@@ -74,7 +74,6 @@ class ServerFedFTG(Server):
     shared_model = True
     phases = ("eval", "train", "fine_tune")
 
-
     def prepare(self):
         settings = self.settings
         channels, height, width = self.context.image_shape

@@ -28,6 +28,7 @@ class NearestPrototypeSettings(PrototypeSettings):
     proto_eval: str = option("nearest", "--proto_eval", choices=("nearest", "head"),
                              help="how clients predict: the nearest global prototype (the papers) or their own head")
 
+
 @dataclass(frozen=True)
 class FedProtoSettings(NearestPrototypeSettings):
     title = "FedProto"
