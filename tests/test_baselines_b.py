@@ -1,5 +1,7 @@
 """FedProto, FedKD, FedGH and FedTGP: end to end on Digits, communication counted by hand, the prototype
 classifier and regularizer, SVD compression."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -167,7 +169,7 @@ def knowledge(prototypes, present):
     return Payload({"prototypes": prototypes[classes], "classes": classes})
 
 
-def identity_client(cls=ClientFedProto, lamda=1.0):
+def identity_client(cls=ClientFedProto, lamda=1.0, proto_eval="nearest"):
     """A 3-class client whose features are its 2-D inputs and whose head always says class 2."""
     head = nn.Linear(2, 3)
     with torch.no_grad():
@@ -176,7 +178,7 @@ def identity_client(cls=ClientFedProto, lamda=1.0):
     model = BaseHeadSplit(nn.Identity(), head, 2, 3, "identity")
     setup = ClientSetup(client_id=0, model=model, data=ClientData(POINTS, LABELS, POINTS, LABELS), seed=0, device=CPU,
                         num_classes=3, batch_size=10, local_epochs=1, learning_rate=0.01)
-    return cls(setup, lamda=lamda)
+    return cls(setup, lamda=lamda, proto_eval=proto_eval)
 
 
 def test_fedproto_predicts_the_nearest_global_prototype(small_run):
@@ -257,13 +259,10 @@ def test_fedgh_clients_take_the_global_head(make_server, round_timer):
     assert server.download_floats == 0, "clients already hold the latest head"
 
 
-def test_fedgh_refuses_a_non_linear_head(make_server):
-    server = make_server("FedGH")
-    model = BaseHeadSplit(nn.Identity(), nn.Sequential(nn.Linear(D, 8), nn.Linear(8, K)), D, K, "odd")
-    with pytest.raises(UserError, match="linear heads"):
-        server.algorithm.new_client(ClientSetup(client_id=0, model=model, data=server.dataset.clients[0], seed=0,
-                                                device=CPU, num_classes=K, batch_size=10, local_epochs=1,
-                                                learning_rate=0.01), server.spec)
+@pytest.mark.parametrize("family", ["HtM10", "cnn4+mlp128"])
+def test_fedgh_refuses_a_non_linear_head(small_run, family):
+    with pytest.raises(UserError, match=f"-algo FedGH needs linear heads, but -m {re.escape(family)} has heads"):
+        parse_args(small_run("-algo", "FedGH", "-m", family))
 
 
 @pytest.mark.parametrize("flags,fragment", [(("-Ts", "0.99", "-Te", "0.9"), "-Ts"),

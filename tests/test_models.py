@@ -10,6 +10,9 @@ from torch import nn
 
 from flcore.trainmodel import (
     FAMILIES,
+    FAMILY_ALIASES,
+    HEADS,
+    HTC4,
     BaseHeadSplit,
     build_family_model,
     build_model,
@@ -19,6 +22,8 @@ from flcore.trainmodel import (
     model_with_state,
     register_model,
     registry,
+    split_model_name,
+    with_heads,
 )
 
 NUM_CLASSES = 3
@@ -123,7 +128,7 @@ def test_unknown_model_error_lists_choices():
     with pytest.raises(ValueError) as error:
         build_model("resnet5", NUM_CLASSES)
     message = str(error.value)
-    assert message == f"unknown model 'resnet5'; choose from: {', '.join(list_models())}"
+    assert message.startswith(f"unknown model 'resnet5'; choose from: {', '.join(list_models())} (optionally +head")
     assert "\n" not in message and "tiny_mixer" in message and "vit_b_32" in message
 
 
@@ -152,12 +157,18 @@ def test_register_model_adds_a_buildable_name(monkeypatch):
         register_model("probe_mlp")(probe)
     with pytest.raises(ValueError, match="lowercase"):
         register_model("ProbeMLP")
+    with pytest.raises(ValueError, match="without '\\+'"):
+        register_model("probe+mlp")
+    with pytest.raises(ValueError, match="unknown head 'wide'"):
+        register_model("probe_wide", head="wide")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_member_is_a_registered_model(family):
-    # test_model_shapes_and_gradients builds and runs every registered model, so every client model builds.
-    assert set(family_models(family)) <= set(list_models())
+def test_every_family_member_is_a_registered_base_with_a_registered_head(family):
+    # test_model_shapes_and_gradients builds and runs every registered base, and
+    # test_every_family_builds_each_client_model every member's head on a small stand-in base.
+    pairs = [split_model_name(name) for name in family_models(family)]
+    assert {base for base, _ in pairs} <= set(list_models()) and {head for _, head in pairs} <= set(HEADS)
 
 
 def test_family_models_returns_a_copy():
@@ -168,9 +179,9 @@ def test_family_models_returns_a_copy():
 
 def test_unknown_family_error_lists_choices():
     with pytest.raises(ValueError) as error:
-        family_models("HtFE5")
+        family_models("HtFE6")
     message = str(error.value)
-    assert message.startswith("unknown model family 'HtFE5'") and "\n" not in message
+    assert message.startswith("unknown model family 'HtFE6'") and "\n" not in message
     assert all(name in message for name in FAMILIES) and "resnet152" in message
     with pytest.raises(ValueError, match="unknown model family 'htfe8'"):
         build_family_model("htfe8", 0, NUM_CLASSES)
@@ -221,3 +232,77 @@ def test_a_shared_model_built_from_its_state_leaves_the_global_random_stream_alo
     model = model_with_state("cnn4", 10, 64, 3, 32, state)
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(model.state_dict()[name], value) for name, value in state.items())
+
+
+def head_widths(head):
+    """(in, out) of each Linear in the head, in order."""
+    return [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.fixture
+def small_bases(monkeypatch):
+    """Every registered base replaced by a one-layer stand-in (each keeps its own head), so that every family's
+    client models build in milliseconds; the real bases are built by test_model_shapes_and_gradients."""
+    def stand_in(feature_dim, in_channels, image_size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, feature_dim))
+
+    monkeypatch.setattr(registry, "_REGISTRY", {name: (stand_in, head) for name, (_, head)
+                                                in registry._REGISTRY.items()})
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(FAMILY_ALIASES))
+def test_every_family_builds_each_client_model(family, small_bases):
+    members = family_models(family)
+    expected_widths = {"linear": [(32, NUM_CLASSES)], "vit": [(32, 768), (768, NUM_CLASSES)],
+                       **{f"mlp{w}": [(32, w), (w, NUM_CLASSES)] for w in (512, 256, 128)}}
+    for index in range(len(members) + 1):
+        model = build_family_model(family, index, NUM_CLASSES, feature_dim=32, in_channels=1, image_size=16)
+        name = members[index % len(members)]
+        assert model.model_name == name
+        assert head_widths(model.head) == expected_widths[split_model_name(name)[1]]
+        assert model(torch.zeros(2, 1, 16, 16)).shape == (2, NUM_CLASSES)
+        # The name alone rebuilds the same architecture (FML's meme, FedKD's mentee, -pc workers, checkpoints).
+        rebuilt = model_with_state(name, NUM_CLASSES, 32, 1, 16, model.state_dict())
+        assert rebuilt.model_name == name and str(rebuilt) == str(model)
+
+
+def test_htfllib_model_groups():
+    """HtFLlib's system/main.py: HtFE-img-5's models, and client i of the HtC-img-4 groups gets
+    models[i % len(models)] with heads[i % 4], Head(hidden_dims=[512]), [512, 512], [512, 256], [512, 128]."""
+    htfe8 = FAMILIES["HtFE8"]
+    assert family_models("HtFE-img-5") == ["googlenet", "mobilenet_v2", "resnet18", "resnet34", "resnet50"]
+    for alias, bases in (("HtFE-img-8-HtC-img-4", htfe8), ("Res34-HtC-img-4", ["resnet34"])):
+        members = family_models(alias)
+        assert len(members) == (8 if len(bases) == 8 else 4)
+        for client in range(20):
+            assert split_model_name(members[client % len(members)]) == (bases[client % len(bases)],
+                                                                        HTC4[client % 4])
+    hidden = [head_widths(HEADS[name](512, 10)) for name in HTC4]
+    assert hidden == [[(512, 10)], [(512, 512), (512, 10)], [(512, 256), (256, 10)], [(512, 128), (128, 10)]]
+    assert [type(m) for m in HEADS["mlp256"](512, 10)] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert family_models("Res34-HtC4") == ["resnet34", "resnet34+mlp512", "resnet34+mlp256", "resnet34+mlp128"]
+
+
+def test_with_heads_cycles_through_both_lists():
+    assert with_heads(["tiny_cnn", "cnn4"], ["mlp512", "linear", "mlp128"]) == [
+        "tiny_cnn+mlp512", "cnn4", "tiny_cnn+mlp128", "cnn4+mlp512", "tiny_cnn", "cnn4+mlp128"]
+
+
+def test_a_model_with_its_own_head_has_one_name_and_one_initialization():
+    torch.manual_seed(0)
+    plain = build_model("tiny_cnn", NUM_CLASSES)
+    torch.manual_seed(0)
+    named = build_model("tiny_cnn+linear", NUM_CLASSES)
+    assert named.model_name == plain.model_name == "tiny_cnn"
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), named.state_dict().values()))
+    assert build_model("vit_b_16+linear", NUM_CLASSES, feature_dim=16).model_name == "vit_b_16+linear"
+    assert family_models("tiny_cnn+mlp128") == ["tiny_cnn+mlp128"]
+
+
+@pytest.mark.parametrize("name,fragment", [("tiny_cnn+wide", "unknown head 'wide' in model 'tiny_cnn+wide'"),
+                                           ("resnet5+mlp128", "unknown model 'resnet5+mlp128'")])
+def test_unknown_head_or_base_is_rejected(name, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        build_model(name, NUM_CLASSES)
+    with pytest.raises(ValueError, match="unknown model family"):
+        family_models(name)

@@ -97,7 +97,8 @@ class RunSettings(Settings):
                           help="folder name under --dataset_dir, made by a dataset/generate_*.py script")
     num_classes: int = option(10, "-nb", "--num_classes")
     model_family: str = option("HtCPU4", "-m", "--model_family",
-                               help="heterogeneous model family: client i gets family[i %% len(family)]")
+                               help="heterogeneous model family (or HtFLlib's name of one) or one model, a base "
+                                    "or base+head (e.g. resnet34+mlp256): client i gets family[i %% len(family)]")
     feature_dim: int = option(512, "-fd", "--feature_dim")
     algorithm: str = option("FedKTL-stylegan-3", "-algo", "--algorithm",
                             help="the algorithm to run: FedKTL-stylegan-xl, FedKTL-stylegan-3, "

@@ -100,10 +100,11 @@ def build_parser():
 
 def resolve(values):
     """The Config of the given flag values ({field name: value}; missing ones take their defaults): the run's
-    settings, the algorithm's (its server class's Settings), and the algorithm's check of the run."""
+    settings, the algorithm's (its server class's Settings), and the algorithm's checks of the run."""
     run = RunSettings.from_values(values)
     server_cls = server_class(run.algorithm)
     algo = server_cls.Settings.from_values(values)
+    server_cls.check_models(run)
     server_cls.check_run(algo, run)
     return Config(run, algo)
 

@@ -1,6 +1,6 @@
 """FedProto client (Tan et al., AAAI 2022): cross-entropy plus a pull of each feature towards its class's global
-prototype; predicts by the nearest global prototype. Also the shared part of every client that uploads
-per-class mean features (FedGH, FedTGP)."""
+prototype; predicts by the nearest global prototype (or, with --proto_eval head, by its head). Also the shared part
+of every client that uploads per-class mean features (FedGH, FedTGP)."""
 import torch
 import torch.nn.functional as F
 
@@ -42,9 +42,10 @@ def nearest_prototype_scores(features, prototypes, present):
 class ClientFedProto(PrototypeClient):
     uploads_counts = True
 
-    def __init__(self, setup, lamda):
+    def __init__(self, setup, lamda, proto_eval):
         super().__init__(setup)
         self.lamda = lamda
+        self.proto_eval = proto_eval  # "nearest" (global prototype) or "head"
         self.global_prototypes = None  # [K, D]; zero rows for classes without one
         self.present = None  # [K] bool: which classes have a global prototype
 
@@ -65,8 +66,9 @@ class ClientFedProto(PrototypeClient):
         return loss
 
     def scores(self, x):
-        """Nearest global prototype, as the paper infers; the head until the first global prototypes arrive."""
-        if self.global_prototypes is None:
+        """Nearest global prototype, as the paper infers; the head until the first global prototypes arrive, and
+        always with --proto_eval head."""
+        if self.global_prototypes is None or self.proto_eval == "head":
             return self.model(x)
         return nearest_prototype_scores(self.model.base(x), self.global_prototypes, self.present)
 

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 import torch
 
 from flcore.clients.clientbase import Client
+from flcore.errors import UserError
 from flcore.exchange import Payload
+from flcore.fedavg import single_model_name
 from flcore.load_cache import LoadCache
 from flcore.settings import Settings
+from flcore.trainmodel import family_heads
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,12 @@ class Server:
     phases = ("eval", "train")
     # The phase that times a client's upload (FedKTL: "prototypes").
     upload_phase = "train"
+    # What the algorithm needs of the clients' models, which check_models enforces. shared_model: one architecture
+    # for all clients (models averaged: FedFTG, FGL). shared_head: None, any heads; "same", one head architecture
+    # for all (heads averaged: LG-FedAvg, FedGen); "linear", a Linear(feature_dim, K) head everywhere (replaced by
+    # the server's: FedGH).
+    shared_model = False
+    shared_head = None
 
     def __init__(self, settings, context: RunContext):
         self.settings = settings
@@ -61,9 +70,27 @@ class Server:
         self.prepare()
 
     @classmethod
+    def check_models(cls, run):
+        """Raises UserError when the run's family (-m) is not what `shared_model` and `shared_head` need; runs at
+        parse time, before check_run."""
+        if cls.shared_model:
+            single_model_name(run.model_family, run.algorithm)
+        if cls.shared_head is None:
+            return
+        try:
+            heads = family_heads(run.model_family)
+        except ValueError as exc:
+            raise UserError(f"-m: {exc}") from None
+        wanted = {"same": {heads[0]}, "linear": {"linear"}}[cls.shared_head]
+        if set(heads) != wanted:
+            need = "one head architecture for all clients" if cls.shared_head == "same" else "linear heads"
+            raise UserError(f"-algo {run.algorithm} needs {need}, but -m {run.model_family} has heads "
+                            f"{', '.join(dict.fromkeys(heads))}; use a family with linear heads (e.g. -m HtFE8)")
+
+    @classmethod
     def check_run(cls, settings, run):
-        """Raises UserError when this algorithm cannot serve the run's settings (e.g. a heterogeneous family for
-        an algorithm that averages one architecture); runs at parse time."""
+        """Raises UserError when this algorithm cannot serve the run's settings (beyond what check_models checks);
+        runs at parse time."""
 
     def prepare(self):
         """Algorithm-specific set-up that the clients depend on; runs before they are built."""

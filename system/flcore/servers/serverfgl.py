@@ -17,7 +17,7 @@ from tqdm import tqdm
 from flcore.clients.clientfgl import ClientFGL
 from flcore.errors import UserError
 from flcore.exchange import Payload, flatten, unflatten
-from flcore.fedavg import load_shared_state, shared_state, single_model_name
+from flcore.fedavg import load_shared_state, shared_state
 from flcore.fgl_ops import DEFAULT_TEMPLATE, class_prompts, pooled_prompts, synthesize, train_on
 from flcore.generators.stable_diffusion import (StableDiffusionSettings, latent_shape_at, load_pipeline,
                                                 pipeline_module)
@@ -76,16 +76,13 @@ class FGLSettings(StableDiffusionSettings):
 
 class ServerFGL(Server):
     Settings = FGLSettings
+    shared_model = True
     phases = ("eval", "train", "synthesize", "server_train")
-
-    @classmethod
-    def check_run(cls, settings, run):
-        single_model_name(run.model_family, run.algorithm)
 
     def prepare(self):
         settings = self.settings
         channels, height, _ = self.context.image_shape
-        # check_run made sure the family holds one architecture.
+        # check_models made sure the family holds one architecture (shared_model).
         self.model_name = family_models(self.context.model_family)[0]
         class_names = self.class_names()
         self.pipeline = load_pipeline(pipeline_module(), settings, self.device, self.cache)

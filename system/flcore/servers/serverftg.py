@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flcore.clients.clientfedavg import ClientFedAvg
 from flcore.exchange import Payload, flatten, unflatten
-from flcore.fedavg import load_shared_state, shared_state, single_model_name
+from flcore.fedavg import load_shared_state, shared_state
 from flcore.ftg_ops import ConditionalGenerator, FineTuneSettings, fine_tune
 from flcore.parameters import float_count, weighted_average
 from flcore.servers.serverbase import Server
@@ -71,16 +71,13 @@ class FedFTGSettings(Settings):
 
 class ServerFedFTG(Server):
     Settings = FedFTGSettings
+    shared_model = True
     phases = ("eval", "train", "fine_tune")
-
-    @classmethod
-    def check_run(cls, settings, run):
-        single_model_name(run.model_family, run.algorithm)
 
     def prepare(self):
         settings = self.settings
         channels, height, width = self.context.image_shape
-        # check_run made sure the family holds one architecture.
+        # check_models made sure the family holds one architecture (shared_model).
         self.model_name = family_models(self.context.model_family)[0]
         self.global_model = build_model(self.model_name, self.num_classes, self.context.feature_dim, channels,
                                         height).to(self.device)

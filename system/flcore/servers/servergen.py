@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from flcore.clients.clientgen import ClientFedGen, FeatureGenerator
 from flcore.exchange import flatten
-from flcore.servers.serverlg import LGSettings, ServerLG, check_head
+from flcore.servers.serverlg import LGSettings, ServerLG
 from flcore.settings import option, raise_first_failed
 
 
@@ -62,7 +62,6 @@ class ServerFedGen(ServerLG):
 
     @classmethod
     def new_client(cls, setup, spec):
-        check_head(spec.config["algorithm"], setup, spec)
         return ClientFedGen(setup, noise_dim=spec.config["noise_dim"], hidden_dim=spec.config["hidden_dim"],
                             feature_dim=spec.config["feature_dim"])
 
@@ -100,7 +99,7 @@ class ServerFedGen(ServerLG):
             labels = torch.multinomial(self.label_prior, batch, replacement=True, generator=self.sample_rng)
             labels = labels.to(self.device)
             features = self.feature_generator.sample(labels, self.sample_rng)
-            # One head module evaluated with each client's parameters (check_head made all heads alike).
+            # One head module evaluated with each client's parameters (shared_head: all heads are alike).
             logits = sum(w * functional_call(self.head_template, head, (features,)) for w, head in zip(weights, heads))
             loss = F.cross_entropy(logits, labels)
             self.generator_optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,6 @@ from torch import nn
 from tqdm import tqdm
 
 from flcore.clients.clientgh import ClientFedGH
-from flcore.errors import UserError
 from flcore.exchange import Payload, flatten
 from flcore.server_training import train_on_rows
 from flcore.servers.serverproto import PrototypeServer, PrototypeSettings
@@ -33,6 +32,7 @@ class FedGHSettings(PrototypeSettings):
 
 class ServerFedGH(PrototypeServer):
     Settings = FedGHSettings
+    shared_head = "linear"  # the clients' heads are replaced by the server's Linear(feature_dim, K)
     metric_names = ("server_loss",)
 
     def prepare(self):
@@ -44,15 +44,7 @@ class ServerFedGH(PrototypeServer):
 
     @classmethod
     def new_client(cls, setup, spec):
-        head = {k: tuple(v.shape) for k, v in setup.model.head.state_dict().items()}
-        feature_dim = spec.config["feature_dim"]
-        if head != {"weight": (setup.num_classes, feature_dim), "bias": (setup.num_classes,)}:
-            raise UserError(f"FedGH shares one Linear({feature_dim}, {setup.num_classes}) head, but "
-                            f"model {setup.model.model_name} has another head; use a family with linear heads only")
         return ClientFedGH(setup)
-
-    def client_spec(self):
-        return Payload(config={"feature_dim": self.context.feature_dim})
 
     def update_knowledge(self, means, classes, counts):
         def loss(index):

@@ -21,7 +21,16 @@ class PrototypeSettings(Settings):
 
 
 @dataclass(frozen=True)
-class FedProtoSettings(PrototypeSettings):
+class NearestPrototypeSettings(PrototypeSettings):
+    """The settings every server whose clients predict by the nearest global prototype extends (FedProto,
+    FedTGP)."""
+    title = "FedProto and FedTGP"
+    proto_eval: str = option("nearest", "--proto_eval", choices=("nearest", "head"),
+                             help="how clients predict: the nearest global prototype (the papers) or their own head")
+
+
+@dataclass(frozen=True)
+class FedProtoSettings(NearestPrototypeSettings):
     title = "FedProto"
     # The default is the reference library's example runs (HtFLlib system/examples.sh, -lam 10).
     lamda: float = option(10.0, "-lam", "--lamda", help="FedProto: weight of the prototype regularizer")
@@ -95,14 +104,14 @@ class ServerFedProto(PrototypeServer):
         super().prepare()
         self.global_prototypes = torch.zeros(self.num_classes, self.context.feature_dim, device=self.device)
         self.present = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
-        tqdm.write(f"FedProto: lambda {self.settings.lamda}")
+        tqdm.write(f"FedProto: lambda {self.settings.lamda}, clients predict by {self.settings.proto_eval}")
 
     def client_spec(self):
-        return Payload(config={"lamda": self.settings.lamda})
+        return Payload(config={"lamda": self.settings.lamda, "proto_eval": self.settings.proto_eval})
 
     @classmethod
     def new_client(cls, setup, spec):
-        return ClientFedProto(setup, lamda=spec.config["lamda"])
+        return ClientFedProto(setup, lamda=spec.config["lamda"], proto_eval=spec.config["proto_eval"])
 
     def update_knowledge(self, means, classes, counts):
         """Averages weighted by the clients' sample counts of each class (which FedProto's clients upload with

@@ -12,12 +12,12 @@ from flcore.clients.clienttgp import ClientFedTGP
 from flcore.exchange import Payload
 from flcore.per_class import per_class_means
 from flcore.server_training import train_on_rows
-from flcore.servers.serverproto import PrototypeServer, PrototypeSettings
+from flcore.servers.serverproto import NearestPrototypeSettings, PrototypeServer
 from flcore.settings import option, raise_first_failed
 
 
 @dataclass(frozen=True)
-class FedTGPSettings(PrototypeSettings):
+class FedTGPSettings(NearestPrototypeSettings):
     title = "FedTGP"
     description = "trains the prototypes on the server in batches of -lbs"
     server_epochs: int = option(100, "-se", "--server_epochs", help="FedTGP: server training epochs per round")
@@ -93,11 +93,11 @@ class ServerFedTGP(PrototypeServer):
                    f"server epochs {self.settings.server_epochs}, margin threshold {self.settings.margin_threshold}")
 
     def client_spec(self):
-        return Payload(config={"lamda": self.settings.lamda})
+        return Payload(config={"lamda": self.settings.lamda, "proto_eval": self.settings.proto_eval})
 
     @classmethod
     def new_client(cls, setup, spec):
-        return ClientFedTGP(setup, lamda=spec.config["lamda"])
+        return ClientFedTGP(setup, lamda=spec.config["lamda"], proto_eval=spec.config["proto_eval"])
 
     def update_knowledge(self, means, classes, counts):
         margin = adaptive_margin(means, classes, self.num_classes, self.settings.margin_threshold)

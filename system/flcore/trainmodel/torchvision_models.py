@@ -6,7 +6,7 @@ from torch import nn
 from torchvision import models
 
 from .layers import ResizeTo, narrow_input_channels, to_feature_dim
-from .registry import register_model, vit_head
+from .registry import register_model
 
 VIT_IMAGE_SIZE = 32
 
@@ -44,7 +44,7 @@ def mobilenet_v2(feature_dim: int, in_channels: int, image_size: int) -> nn.Modu
 
 
 def _register_vit(name: str, constructor) -> None:
-    @register_model(name, head=vit_head)
+    @register_model(name, head="vit")
     def build(feature_dim: int, in_channels: int, image_size: int) -> nn.Module:
         net = constructor(weights=None, image_size=VIT_IMAGE_SIZE)
         narrow_input_channels(net.conv_proj, in_channels, fan_in_init=True)
