@@ -19,6 +19,7 @@ ROUND_FLAGS = ["-gr", "2", "-jr", "0.75", "-cdr", "0.5", "--shots", "20", "--num
 ALGORITHM_FLAGS = {
     "FedKTL-stylegan-3": ["-se", "3", "-sbs", "8", "--image_every", "0"],
     "FedProto": [],
+    "FedMRL": ["-sfd", "16"],
 }
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats",
           "rs_client_acc", "rs_client_auc", "rs_client_loss", "rs_client_train_loss", "client_test_samples")

@@ -14,6 +14,7 @@ from flcore.servers.serverktl_stylegan_3 import ServerKTLStyleGAN3
 from flcore.servers.serverktl_stylegan_xl import ServerKTLStyleGANXL
 from flcore.servers.serverlg import ServerLG
 from flcore.servers.serverlocal import ServerLocal
+from flcore.servers.servermrl import ServerFedMRL
 from flcore.servers.serverproto import ServerFedProto
 from flcore.servers.servertgp import ServerFedTGP
 
@@ -34,6 +35,7 @@ ALGORITHMS = {
     "FedTGP": ServerFedTGP,
     "FedFTG": ServerFedFTG,
     "FGL": ServerFGL,
+    "FedMRL": ServerFedMRL,
 }
 
 
