@@ -27,11 +27,13 @@ class FedMRLSettings(Settings):
                                  "(the 4-layer CNN, the reference library's first model of HtFE2/4/8)")
     sub_feature_dim: int = option(128, "-sfd", "--sub_feature_dim",
                                   help="FedMRL: d1, the shared model's representation size and the nested "
-                                       "(Matryoshka) slice its header reads; at most -fd (the reference library)")
+                                       "(Matryoshka) slice its header reads, at most -fd (128: the reference "
+                                       "library's default; the paper tunes it)")
     mrl_global_weight: float = option(1.0, "--mrl_global_weight",
-                                      help="FedMRL: weight of the shared header's loss (the paper: 1)")
+                                      help="FedMRL: weight of the shared header's loss (1: both losses summed, as "
+                                           "the reference library does)")
     mrl_local_weight: float = option(1.0, "--mrl_local_weight",
-                                     help="FedMRL: weight of the private header's loss (the paper: 1)")
+                                     help="FedMRL: weight of the private header's loss (1, as the shared one's)")
     mrl_average: str = option("samples", "--mrl_average", choices=("samples", "uniform"),
                               help="FedMRL: average the shared models weighted by training samples (FedAvg, the "
                                    "paper) or uniformly (the reference library)")
