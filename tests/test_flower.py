@@ -107,12 +107,18 @@ def assert_same_curves(actual, expected):
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
 
-@pytest.mark.parametrize("algorithm", ["FedKTL-stylegan-3", "FedProto", "FedKD", "FedL2G-feat",
-                                       "FedL2G-logit"])
+# An algorithm's own settings at the small -fd 64 (FedMRL's nested dimension must fit in it), by field name.
+SMALL_SETTINGS = {"FedMRL": {"sub_feature_dim": 16}}
+
+
+@pytest.mark.parametrize("algorithm", ["FedKTL-stylegan-3", "FedProto", "FedKD", "FedL2G-feat", "FedL2G-logit",
+                                       "FedMRL"])
 def test_flower_turns_give_the_in_process_results_bit_for_bit(digits_root, small_argv, tmp_path, algorithm,
                                                               one_torch_thread):
-    expected = in_process(small_argv, tmp_path / "main", algorithm)
-    grid = LocalGrid(run_config(digits_root, tmp_path / "flower", algorithm))
+    settings = SMALL_SETTINGS.get(algorithm, {})
+    flags = [text for name, value in settings.items() for text in (f"--{name}", str(value))]
+    expected = in_process(small_argv, tmp_path / "main", algorithm, *flags)
+    grid = LocalGrid(run_config(digits_root, tmp_path / "flower", algorithm, **settings))
     run_on_flower(grid, grid.run_config)
     assert_same_curves(read_curves(tmp_path / "flower", algorithm), expected)
     assert {kind for _, kind in grid.sent} == {"query", "train", "evaluate"}

@@ -21,6 +21,7 @@ ALGORITHM_FLAGS = {
     "FedProto": [],
     "FedL2G-feat": [],
     "FedL2G-logit": [],
+    "FedMRL": ["-sfd", "16"],
 }
 CURVES = ("rs_test_acc", "rs_test_auc", "rs_train_loss", "rs_test_acc_std", "upload_floats", "download_floats",
           "rs_client_acc", "rs_client_auc", "rs_client_loss", "rs_client_train_loss", "client_test_samples")

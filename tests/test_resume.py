@@ -20,6 +20,7 @@ SMALL_FLAGS = {
     "FedGen": ["-se", "5", "-nd", "16", "-hd", "16"],
     "FedGH": ["-se", "3"],
     "FedTGP": ["-se", "3"],
+    "FedMRL": ["-sfd", "16"],  # d1 at most the tests' -fd 64
     "FedFTG": ["-m", "tiny_cnn", "--ftg_iterations", "2", "--ftg_batch_size", "8", "--ftg_generator_width", "8"],
     # Fine-tuning on the synthetic set after the FedAvg rounds puts that set into the checkpoint.
     "FGL": ["-m", "tiny_cnn", "--sd_steps", "2", "--fgl_images_per_class", "3", "--fgl_server_epochs", "1",

@@ -15,6 +15,7 @@ from flcore.servers.serverktl_stylegan_xl import ServerKTLStyleGANXL
 from flcore.servers.serverl2g import ServerFedL2GFeat, ServerFedL2GLogit
 from flcore.servers.serverlg import ServerLG
 from flcore.servers.serverlocal import ServerLocal
+from flcore.servers.servermrl import ServerFedMRL
 from flcore.servers.serverproto import ServerFedProto
 from flcore.servers.servertgp import ServerFedTGP
 
@@ -37,6 +38,7 @@ ALGORITHMS = {
     "FGL": ServerFGL,
     "FedL2G-feat": ServerFedL2GFeat,
     "FedL2G-logit": ServerFedL2GLogit,
+    "FedMRL": ServerFedMRL,
 }
 
 
