@@ -28,6 +28,7 @@ SMALL_FLAGS = {
     "FedKTL-stable-diffusion": [*KTL_FLAGS, "--sd_steps", "2"],
     "FedGen": ["-se", "2", "-nd", "16", "-hd", "16"],
     "FedTGP": ["-se", "2"],
+    "FedMRL": ["-sfd", "16"],
 }
 
 
