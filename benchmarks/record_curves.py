@@ -21,8 +21,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "system", "main.py")
-SMALL_ALGOS = ("Local", "FedDistill", "FML", "LG-FedAvg", "FedGen", "FedProto", "FedKD", "FedGH", "FedTGP",
-               "FedKTL-stylegan-3", "FedFTG", "FGL")
+SMALL_ALGOS = ("Local", "FedDistill", "FML", "LG-FedAvg", "FedGen", "FedProto", "FedKD", "FedGH", "FedTGP", "FedMRL",
+               "FedL2G-feat", "FedL2G-logit", "FedKTL-stylegan-3", "FedFTG", "FGL")
 # Series that measure wall-clock time differ between any two runs.
 TIMING = ("round_time",)
 

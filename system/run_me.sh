@@ -23,6 +23,12 @@ python main.py --config configs/fedftg.toml
 python main.py --config configs/fgl.toml
 
 # Baselines (Table 1), with their defaults (README "Algorithms").
-for algo in Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP; do
+for algo in Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP FedMRL FedL2G-feat FedL2G-logit; do
     python main.py --config configs/baselines.toml -algo $algo
+done
+
+# HtFLlib's heterogeneous heads (HtFE8 extractors with four head architectures): every algorithm that keeps a head
+# per client (LG-FedAvg, FedGen and FedGH refuse this group).
+for algo in Local FedDistill FML FedProto FedKD FedTGP FedMRL FedL2G-feat FedL2G-logit; do
+    python main.py --config configs/baselines.toml -algo $algo -m HtFE8-HtC4
 done

@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 # FedFTG and FGL average one architecture, so they run the family's first model (-m tiny_cnn) for all clients;
 # FGL renders its training set with a tiny random-weight Stable Diffusion (written once to ../results/), so its
 # accuracy means nothing and its row is there for the cost.
-ALGOS=${*:-"Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP FedKTL-stylegan-3 FedFTG FGL"}
+ALGOS=${*:-"Local FedDistill FML LG-FedAvg FedGen FedProto FedKD FedGH FedTGP FedMRL FedL2G-feat FedL2G-logit FedKTL-stylegan-3 FedFTG FGL"}
 TINY_SD=../results/tiny_sd_pipeline
 python ../dataset/generate_Digits.py --num-clients 10 --out ../dataset/Digits10
 for algo in $ALGOS; do
