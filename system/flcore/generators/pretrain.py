@@ -465,6 +465,10 @@ def pretrain(settings, progress=True):
         checkpoint = read_checkpoint(paths["checkpoint"], run_fingerprint)
         trainer.load_state_dict(checkpoint["trainer"])
         seconds_before = checkpoint["seconds"]
+    else:
+        # Grids of an earlier run in this place would read as this one's.
+        for stale in glob.glob(os.path.join(glob.escape(paths["samples"]), "step_*.png")):
+            os.remove(stale)
     fixed = torch.randn(GRID_SIDE ** 2, settings.z_dim, generator=torch.Generator().manual_seed(settings.seed + 2))
     started = time.perf_counter()
 
