@@ -230,3 +230,17 @@ def test_quality_scores_say_same_for_real_vs_real_and_apart_for_noise():
     between = real_fake_scores(real[:300], blurred)   # a worse imitation than real, a better one than noise
     assert between["probe_accuracy"] > same["probe_accuracy"] + 0.2
     assert apart["recall"] + 0.3 < between["recall"] < same["recall"] - 0.1
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"resume": True, "force": True}, "give one of them"),
+    ({"size": 48}, "--size 48 is not supported"),
+    ({"loss": "wgan"}, "--loss wgan is not supported"),
+    ({"ema": 1.0}, r"--ema must lie in \[0, 1\)"),
+    ({"quality_samples": 4}, "--quality_samples must be at least 8"),
+    ({"sample_every": -1}, "--sample_every must be 0 \\(never\\) or more")])
+def test_bad_settings_are_refused_before_anything_is_read_or_written(tmp_path, change, fragment):
+    settings = tiny(tmp_path, str(tmp_path / "missing.npz"), **change)
+    with pytest.raises(UserError, match=fragment):
+        pretrain(settings, progress=False)
+    assert os.listdir(tmp_path) == []
