@@ -21,7 +21,7 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--images", required=True, help="a folder of png/jpg images (recursive) or an .npz")
     p.add_argument("--out", required=True, help="the generator file to write (a DCGAN checkpoint for -GPath)")
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="training steps (one D and one G update each)")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="total training steps, one D and one G update each (--resume continues up to it)")
     p.add_argument("--size", type=int, choices=SIZES, default=DEFAULTS.size, help="image side in pixels")
     p.add_argument("-dev", "--device", choices=("cpu", "cuda"), default=DEFAULTS.device)
     p.add_argument("--batch_size", type=int, default=DEFAULTS.batch_size)
