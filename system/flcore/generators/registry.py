@@ -2,7 +2,7 @@
 (flcore/generators/base.py) owns how it loads, how valid latents are drawn and rendered (its adapter), and the
 paper's FedKTL hyperparameters where the paper has them. A user adds one with register_generator(name, entry)."""
 from flcore.errors import UserError
-from flcore.generators.dcgan import DCGAN, FACE_DCGAN
+from flcore.generators.dcgan import DCGAN, FACE_DCGAN, TINY_IMAGENET
 from flcore.generators.stable_diffusion import STABLE_DIFFUSION
 from flcore.generators.stylegan import STYLEGAN_3, STYLEGAN_XL, UNTRAINED
 
@@ -13,6 +13,7 @@ GENERATORS = {
     "stylegan-xl": STYLEGAN_XL,
     "dcgan": DCGAN,
     "face-dcgan": FACE_DCGAN,
+    "tiny-imagenet": TINY_IMAGENET,
     "untrained": UNTRAINED,
     "stable-diffusion": STABLE_DIFFUSION,
 }
