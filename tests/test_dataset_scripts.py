@@ -288,6 +288,23 @@ def test_npz_roots_for_rgb_and_grayscale_scripts(tmp_path):
     assert x.shape[1:] == (3, 32, 32) and np.all(x == 1.0)
 
 
+def test_image_size_resizes_and_a_new_size_regenerates(tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "tiny.npz"  # Tiny-ImageNet's own size is 64; a 32 px copy stays 32 px with --image-size 32
+    np.savez(source, x=rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8), y=np.repeat(np.arange(200), 2))
+    out = tmp_path / "tiny"
+    assert generate(TINY_IMAGENET, out, "--root", str(source), "--partition", "iid", "--num-clients", "2",
+                    "--image-size", "32") == 0
+    x, _ = read_client(out, "train", 0)
+    assert read_config(out)["image_shape"] == [3, 32, 32] and x.shape[1:] == (3, 32, 32)
+    with np.load(source) as archive:  # no resampling at the source's own size: the pixels come back exactly
+        pooled = {bytes(image.tobytes()) for image in archive["x"]}
+    assert bytes(np.round(pixels(x[0])).astype(np.uint8).transpose(1, 2, 0).tobytes()) in pooled
+    assert generate(TINY_IMAGENET, out, "--root", str(source), "--partition", "iid", "--num-clients", "2",
+                    "--image-size", "16") == 0
+    assert read_config(out)["image_shape"] == [3, 16, 16] and read_client(out, "test", 1)[0].shape[1:] == (3, 16, 16)
+
+
 @pytest.mark.parametrize("arrays,fragment", [
     ({"x": np.zeros((20, 8, 8), np.uint8)}, "must hold arrays 'x'"),
     ({"x": np.zeros((20, 8, 8), np.float32), "y": np.zeros(20, np.int64)}, "images must be uint8"),
@@ -336,6 +353,7 @@ def test_default_output_is_next_to_the_scripts():
     (DIGITS, ["--partition", "pat", "--class-per-client", "11"], "--class-per-client must be in [1, 10]"),
     (DIGITS, ["--root", "missing"], "--root missing does not exist"),
     (DIGITS, ["--num-clients", "100", "--alpha", "0.01"], "raise --alpha or lower --num-clients"),
+    (DIGITS, ["--image-size", "4"], "--image-size must be in [8, 512]"),
     (CIFAR10, [], "pass --download to fetch them, or --root"),
 ], ids=lambda value: getattr(value, "name", None))
 def test_cli_bad_inputs(tmp_path, monkeypatch, error_line, spec, flags, fragment):

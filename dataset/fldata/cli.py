@@ -2,7 +2,7 @@
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class GenerationOptions:
     out: str | None = None
     root: str | None = None
     download: bool = False
+    image_size: int | None = None  # None: the dataset's own size
 
 
 class _UsageError(DatasetError):
@@ -72,6 +73,9 @@ def build_parser(spec: DatasetSpec) -> argparse.ArgumentParser:
     parser.add_argument("--train-ratio", type=float, default=defaults.train_ratio,
                         help="share of each client's samples used for training (%(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (%(default)s)")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help=f"height and width of the written images (default: the dataset's own, "
+                             f"{spec.image_shape[1]})")
     parser.add_argument("--out", default=defaults.out,
                         help=f"output folder (default: {os.path.join(DATASET_DIR, spec.name)})")
     if spec.read_native is not None:
@@ -103,6 +107,10 @@ def generate(spec: DatasetSpec, options: GenerationOptions) -> bool:
     validate_train_ratio(options.train_ratio)
     if options.seed < 0:
         raise DatasetError(f"--seed must be >= 0, got {options.seed}")
+    if options.image_size is not None:
+        if not 8 <= options.image_size <= 512:
+            raise DatasetError(f"--image-size must be in [8, 512], got {options.image_size}")
+        spec = replace(spec, image_shape=(spec.image_shape[0], options.image_size, options.image_size))
     out_dir = os.path.abspath(options.out or os.path.join(DATASET_DIR, spec.name))
     root = options.root or (os.path.join(out_dir, "rawdata") if options.download else None)
     params = {
@@ -111,7 +119,8 @@ def generate(spec: DatasetSpec, options: GenerationOptions) -> bool:
         "source": describe_source(spec, root),
         "num_classes": spec.num_classes,
         "image_shape": list(spec.image_shape),
-        **{key: value for key, value in asdict(options).items() if key not in ("out", "root", "download")},
+        **{key: value for key, value in asdict(options).items()
+           if key not in ("out", "root", "download", "image_size")},
     }
     if is_up_to_date(out_dir, params):
         print(f"{out_dir} is up to date (same parameters); nothing to do")

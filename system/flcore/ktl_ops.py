@@ -14,8 +14,9 @@ from torch import nn
 from flcore.per_class import per_class_means
 
 DEFAULT_MMD_BANDWIDTHS = (10.0, 15.0, 20.0, 50.0)
-# The angular margin m of the paper's ETF loss.
+# The angular margin m and the scale s of the paper's ETF loss.
 PAPER_MARGIN = 0.5
+PAPER_SCALE = 64.0
 
 
 def simplex_etf(num_classes: int, rng: torch.Generator, dtype=torch.float32,
@@ -42,7 +43,7 @@ def etf_cosines(features: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
     return F.normalize(features, dim=1) @ etf
 
 
-def arc_margin_logits(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 64.0,
+def arc_margin_logits(cosines: torch.Tensor, labels: torch.Tensor, scale: float = PAPER_SCALE,
                       margin: float = PAPER_MARGIN, eps: float = 1e-7) -> torch.Tensor:
     """Scaled cosines with the angular margin added to the true class: s cos(theta_y + m)."""
     if cosines.dim() != 2 or labels.shape != cosines.shape[:1]:
@@ -57,10 +58,17 @@ def arc_margin_logits(cosines: torch.Tensor, labels: torch.Tensor, scale: float 
     return scale * cosines.scatter(1, true_index, margin_cosine)
 
 
-def arc_margin_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = 64.0,
+def arc_margin_loss(cosines: torch.Tensor, labels: torch.Tensor, scale: float = PAPER_SCALE,
                     margin: float = PAPER_MARGIN) -> torch.Tensor:
     """Cross-entropy over the margin logits (the client's classification loss)."""
     return F.cross_entropy(arc_margin_logits(cosines, labels, scale, margin), labels.long())
+
+
+def log_label_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log pi_c of the labels' add-one smoothed frequencies, (n_c + 1) / (N + C): a class a client never saw keeps a
+    finite, low prior."""
+    counts = torch.bincount(labels.long(), minlength=num_classes).double()
+    return torch.log((counts + 1) / (counts.sum() + num_classes)).float()
 
 
 def knowledge_transfer_loss(projected: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,14 @@ from torch import nn
 from flcore.batchnorm import AuxiliaryBatchNorm, running_stats_untouched
 from flcore.clients.clientbase import Client
 from flcore.exchange import Payload, unflatten
-from flcore.ktl_ops import PAPER_MARGIN, arc_margin_loss, etf_cosines, knowledge_transfer_loss
-
-SCALE = 64.0
+from flcore.ktl_ops import (
+    PAPER_MARGIN,
+    PAPER_SCALE,
+    arc_margin_loss,
+    etf_cosines,
+    knowledge_transfer_loss,
+    log_label_prior,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class TransferSettings:
     feature_norm: bool = False  # proj reads L2-normalized features
     base_grad: bool = True  # the transfer loss trains the feature extractor
     diagnostics: bool = False  # record the gradient norms and cosine of the two losses per step
+    scale: float = PAPER_SCALE  # s of the ETF logits s * cos
+    logit_adjust: float = 0.0  # tau of the post-hoc logit adjustment at evaluation
 
 
 class ClientKTL(Client):
@@ -35,6 +42,11 @@ class ClientKTL(Client):
         self.grad_clip = transfer.grad_clip or math.inf
         # etf None: the ablation with a plain linear head trained with cross-entropy.
         self.etf = etf.to(self.device) if etf is not None else None
+        self.scale = transfer.scale
+        # --logit_adjust: the fixed ETF head has no bias, so it cannot encode the client's class prior; add it.
+        self.prior_shift = None
+        if transfer.logit_adjust:
+            self.prior_shift = (transfer.logit_adjust * log_label_prior(self.train_y, self.num_classes)).to(self.device)
         # Each round's payload sets both before the client evaluates or trains (--margin_warmup, --mu_warmup);
         # until the first one, the paper's margin and no transfer task (there are no pairs yet anyway).
         self.margin = PAPER_MARGIN
@@ -81,7 +93,7 @@ class ClientKTL(Client):
     def classification_loss(self, x, y):
         if self.etf is None:
             return F.cross_entropy(self.model(x), y)
-        return arc_margin_loss(etf_cosines(self.model(x), self.etf), y, SCALE, self.margin)
+        return arc_margin_loss(etf_cosines(self.model(x), self.etf), y, self.scale, self.margin)
 
     def generated_features(self, images):
         """base(x_G) under the --kt_norm mode: see flcore/batchnorm.py."""
@@ -131,11 +143,10 @@ class ClientKTL(Client):
         self.gradient_records.append(torch.cat([norms, cosine.view(1)]).detach())
 
     def scores(self, x):
-        return self.model(x) if self.etf is None else etf_cosines(self.model(x), self.etf)
-
-    def test_loss(self, scores, y):
-        """With the ETF head: cross-entropy of the scaled cosines, the training loss without its margin."""
-        return super().test_loss(scores if self.etf is None else SCALE * scores, y)
+        """The logits: the head's, or the scaled ETF cosines; with --logit_adjust, shifted by the client's log label
+        prior. Their cross-entropy is the training loss without its margin."""
+        logits = self.model(x) if self.etf is None else self.scale * etf_cosines(self.model(x), self.etf)
+        return logits if self.prior_shift is None else logits + self.prior_shift
 
     def prototypes(self):
         """(P [C_i, K], classes [C_i]): per local class, the normalized mean of normalized head outputs."""

@@ -19,6 +19,7 @@ from flcore.generators.stylegan import STYLEGAN_3
 from flcore.images import image_metrics, to_client_images
 from flcore.ktl_ops import (
     PAPER_MARGIN,
+    PAPER_SCALE,
     FeatureTransformer,
     FixedProjection,
     align_domains,
@@ -70,6 +71,10 @@ class FedKTLSettings(StableDiffusionSettings):
                                "BatchNorm")
     etf: bool = option(True, "-etf", "--etf", help="ETF classifier (0: a plain linear head with cross-entropy)")
     margin: float = option(PAPER_MARGIN, "-margin", "--margin", help="angular margin m of the ETF loss (0: no margin)")
+    etf_scale: float = option(PAPER_SCALE, "--etf_scale", help="scale s of the ETF logits s * cos (the paper's: 64)")
+    logit_adjust: float = option(0.0, "--logit_adjust",
+                                 help="evaluation adds tau * log of the client's smoothed training label frequencies "
+                                      "to its logits: post-hoc logit adjustment (0: none, the paper)")
     margin_warmup: int = option(0, "--margin_warmup",
                                 help="raise the margin linearly from 0 to -margin over this many rounds (0: full from "
                                      "the start, the paper)")
@@ -112,6 +117,8 @@ class FedKTLSettings(StableDiffusionSettings):
             (self.gen_batch_size >= 1, f"-gbs must be >= 1, got {self.gen_batch_size}"),
             (self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
             (self.margin_warmup >= 0, f"--margin_warmup must be >= 0, got {self.margin_warmup}"),
+            (self.etf_scale > 0, f"--etf_scale must be > 0, got {self.etf_scale}"),
+            (self.logit_adjust >= 0, f"--logit_adjust must be >= 0, got {self.logit_adjust}"),
             (self.kt_pairs_per_class >= 1, f"--kt_pairs_per_class must be >= 1, got {self.kt_pairs_per_class}"),
             (0.0 <= self.kt_pair_spread <= 1.0, f"--kt_pair_spread must be in [0, 1], got {self.kt_pair_spread}"),
             (self.mu >= 0, f"-mu must be >= 0, got {self.mu}"),
@@ -204,7 +211,8 @@ class ServerKTL(Server):
         transfer = TransferSettings(
             feature_dim=self.context.feature_dim, latent_dim=self.image_generator.latent_dim,
             grad_clip=settings.client_grad_clip, kt_norm=settings.kt_norm, feature_norm=settings.kt_feature_norm,
-            base_grad=settings.kt_base_grad, diagnostics=settings.kt_diagnostics)
+            base_grad=settings.kt_base_grad, diagnostics=settings.kt_diagnostics, scale=settings.etf_scale,
+            logit_adjust=settings.logit_adjust)
         return Payload({"etf": self.etf} if settings.etf else {}, dataclasses.asdict(transfer))
 
     @classmethod
